@@ -1,0 +1,448 @@
+"""Datasets, DINO's multi-crop augmentation, and the batch loader shared by the four methods.
+
+Datasets (`--data`): `synthetic` (embedded, procedural, no download), `fashion-mnist`, `cifar10`,
+`cifar100`, `stl10` (all held in memory as uint8 tensors) and `imagefolder` (any root/class/img
+tree, decoded by DataLoader workers). Each has a train split for pretraining and k-NN's memory
+bank, and a held-out split for evaluation.
+
+Multi-crop (DINO, Caron et al. 2021, arXiv 2104.14294, §3.1 and the official
+`DataAugmentationDINO`): 2 global crops + N local crops, each random-resized-cropped and flipped,
+colour-jittered (p 0.8), greyscaled (p 0.2), blurred (p 1.0 / 0.1 / 0.5 for global 1 / global 2 /
+local) and, on the second global crop only, solarised (p 0.2). The operations are the official
+ones, written as batched tensor ops so that they cost little on 2 CPU cores and run on the GPU:
+each crop gets its own random parameters, drawn from a generator seeded by (seed, step, rank), so
+a run is reproducible and resumes exactly.
+"""
+import gzip
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the official code normalises every dataset with these
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DATASETS = ("synthetic", "fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
+
+
+class DataError(Exception):
+    """Bad data or data path: reported to the user as one line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The synthetic dataset: class = shape, everything else varies.
+
+SHAPES = ("disk", "triangle", "square", "plus", "star", "ring", "crescent", "ell", "tee", "bar")
+
+
+def shape_mask(name, u, v):
+    """True where the point (u, v), in the shape's own frame (about the unit disk), is inside."""
+    rho, theta = np.hypot(u, v), np.arctan2(v, u)
+
+    def regular_polygon(n, r):  # inside the n-gon with circumradius r
+        a = np.mod(theta, 2 * np.pi / n) - np.pi / n
+        return rho * np.cos(a) < r * np.cos(np.pi / n)
+
+    def rect(cx, cy, half_w, half_h):
+        return (np.abs(u - cx) < half_w) & (np.abs(v - cy) < half_h)
+
+    if name == "disk":
+        return rho < 0.75
+    if name == "triangle":
+        return regular_polygon(3, 1.0)
+    if name == "square":
+        return regular_polygon(4, 0.85)
+    if name == "plus":
+        return rect(0, 0, 0.95, 0.3) | rect(0, 0, 0.3, 0.95)
+    if name == "star":  # five points: radius 1 at a tip, 0.45 between tips
+        a = np.abs(np.mod(theta, 2 * np.pi / 5) - np.pi / 5) / (np.pi / 5)
+        return rho < 1.0 - 0.55 * a
+    if name == "ring":
+        return (rho < 0.95) & (rho > 0.55)
+    if name == "crescent":
+        return (rho < 0.9) & (np.hypot(u - 0.45, v) > 0.7)
+    if name == "ell":
+        return rect(-0.55, 0, 0.3, 0.9) | rect(0, -0.6, 0.85, 0.3)
+    if name == "tee":
+        return rect(0, 0.6, 0.9, 0.28) | rect(0, -0.15, 0.28, 0.75)
+    if name == "bar":
+        return rect(0, 0, 0.95, 0.3)
+    raise KeyError(name)
+
+
+def make_synthetic(n, size=32, seed=0, supersample=3):
+    """n grey images (n, 3, size, size) uint8 and labels (n,): one shape per image, drawn
+    antialiased at a random position, radius, rotation and mirror, with random grey levels for
+    the shape and the background (at least 0.3 apart, either brighter) and pixel noise."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(SHAPES), n)
+    radius = rng.uniform(0.22, 0.45, n) * size
+    margin = size / 2 - 0.8 * radius                                 # keeps the shape in view
+    cx, cy = size / 2 + rng.uniform(-1, 1, (2, n)) * margin
+    angle = rng.uniform(0, 2 * np.pi, n)
+    mirror = rng.choice([-1.0, 1.0], n)
+    levels = rng.uniform(0, 1, (4 * n, 2))
+    levels = levels[np.abs(levels[:, 0] - levels[:, 1]) > 0.3][:n]  # (n, 2): shape, background
+    grid = (np.arange(size * supersample) + 0.5) / supersample
+    Y, X = np.meshgrid(grid, grid, indexing="ij")
+    images = np.empty((n, size, size), np.float32)
+    for i in range(n):
+        dx, dy = (X - cx[i]) / radius[i], (Y - cy[i]) / radius[i]
+        c, s = math.cos(angle[i]), math.sin(angle[i])
+        inside = shape_mask(SHAPES[labels[i]], c * dx + s * dy, (c * dy - s * dx) * mirror[i])
+        cover = inside.reshape(size, supersample, size, supersample).mean((1, 3))
+        images[i] = levels[i, 1] + (levels[i, 0] - levels[i, 1]) * cover
+    images += rng.normal(0, 0.04, images.shape).astype(np.float32)
+    images = np.clip(images * 255 + 0.5, 0, 255).astype(np.uint8)
+    images = torch.from_numpy(images).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    return images, torch.from_numpy(labels)
+
+
+# ----------------------------------------------------------------------------------------------
+# Datasets: in-memory uint8 tensors, or an image folder read by workers.
+
+class TensorImages:
+    """A dataset held in memory: images (N, 3, H, W) uint8, labels (N,) int64 (-1: unlabelled)."""
+
+    def __init__(self, images, labels, classes):
+        self.images, self.labels, self.classes = images, labels, classes
+
+    def __len__(self):
+        return len(self.images)
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """root/class/image files. __getitem__((index, seed)) returns the multi-crop geometry of one
+    image (random-resized crops + flips, done in the worker on the full-resolution image, as the
+    official pipeline) when `crops` is set, else the evaluation view (resize, centre crop)."""
+
+    def __init__(self, files, labels, classes, eval_size=224):
+        self.files, self.labels, self.classes = files, torch.tensor(labels), classes
+        self.crops, self.eval_size = None, eval_size
+
+    def __len__(self):
+        return len(self.files)
+
+    def load(self, index):
+        from PIL import Image
+        try:
+            with Image.open(self.files[index]) as im:
+                return im.convert("RGB")
+        except Exception as e:
+            raise DataError(f"cannot read image {self.files[index]}: {e}") from None
+
+    def __getitem__(self, item):
+        from torchvision.transforms import functional as TF
+        index, seed = item if isinstance(item, tuple) else (item, 0)
+        im = self.load(index)
+        if self.crops is None:  # evaluation: resize to 256/224 of the size, centre crop
+            im = TF.center_crop(TF.resize(im, int(self.eval_size * 256 / 224),
+                                          TF.InterpolationMode.BICUBIC), self.eval_size)
+            return TF.pil_to_tensor(im), self.labels[index]
+        g = torch.Generator().manual_seed(seed)
+        out = []
+        for size, scale, count in self.crops:
+            boxes = random_resized_crop_boxes(count, im.height, im.width, scale, g)
+            flips = torch.rand(count, generator=g) < 0.5
+            for (i, j, h, w), flip in zip(boxes.tolist(), flips.tolist()):
+                c = TF.resized_crop(im, i, j, h, w, [size, size], TF.InterpolationMode.BICUBIC)
+                out.append(TF.pil_to_tensor(TF.hflip(c) if flip else c))
+        return out, self.labels[index]
+
+
+def _read_idx_gz(path):
+    """An MNIST-format idx file (gzipped) as a numpy array."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _fashion_mnist(data_path, train):
+    prefix = "train" if train else "t10k"
+    names = (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz")
+    roots = [Path(data_path), Path(data_path) / "FashionMNIST" / "raw"] if data_path else []
+    roots.append(Path("/usr/share/datasets/fashion-mnist"))  # Debian's dataset-fashion-mnist
+    for root in roots:
+        if all((root / n).is_file() for n in names):
+            x, y = (_read_idx_gz(root / n) for n in names)
+            x = torch.from_numpy(x.copy()).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+            return TensorImages(x, torch.from_numpy(y.astype(np.int64)), 10)
+    import torchvision
+    try:
+        ds = torchvision.datasets.FashionMNIST(data_path or "data", train=train, download=True)
+    except Exception as e:
+        raise DataError(f"fashion-mnist not found under {data_path!r} nor in "
+                        f"/usr/share/datasets/fashion-mnist, and the download failed: {e}") from None
+    x = ds.data.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    return TensorImages(x, ds.targets.long(), 10)
+
+
+def _torchvision_dataset(name, data_path, train):
+    import torchvision
+    root = data_path or "data"
+    try:
+        if name == "stl10":
+            ds = torchvision.datasets.STL10(root, split="train+unlabeled" if train else "test", download=True)
+            return TensorImages(torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64)), 10)
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        ds = cls(root, train=train, download=True)
+    except Exception as e:
+        raise DataError(f"{name}: could not load or download it into {root!r}: {e}") from None
+    x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # (N, H, W, 3) -> (N, 3, H, W)
+    return TensorImages(x, torch.tensor(ds.targets), len(ds.classes))
+
+
+def _image_folder(root, eval_size):
+    """(train, held-out): root/train and root/val when both exist (ImageNet's layout), else root
+    itself with every 10th image of each class held out."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"--data_path {str(root)!r} is not a directory")
+
+    def scan(folder):
+        classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
+        files = [[str(p) for p in sorted((folder / c).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+                 for c in classes]
+        if not classes or not any(files):
+            raise DataError(f"no images found in {str(folder)!r} (expected {folder}/<class>/<image>)")
+        return classes, files
+
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        classes, train = scan(root / "train")
+        val_classes, val = scan(root / "val")
+        val = [val[val_classes.index(c)] if c in val_classes else [] for c in classes]
+    else:
+        classes, files = scan(root)
+        train = [[f for i, f in enumerate(fs) if i % 10 != 9] for fs in files]
+        val = [[f for i, f in enumerate(fs) if i % 10 == 9] for fs in files]
+
+    def build(per_class):
+        files = [f for fs in per_class for f in fs]
+        labels = [c for c, fs in enumerate(per_class) for _ in fs]
+        return FolderImages(files, labels, len(classes), eval_size)
+    return build(train), build(val)
+
+
+def load_dataset(name, data_path="", eval_size=224, synthetic_size=(20000, 2000)):
+    """(train, held_out) for `--data name`."""
+    if name == "synthetic":
+        n_train, n_test = synthetic_size
+        x, y = make_synthetic(n_train + n_test, seed=0)  # fixed seed: the same data in every run
+        return (TensorImages(x[:n_train], y[:n_train], 10), TensorImages(x[n_train:], y[n_train:], 10))
+    if name == "fashion-mnist":
+        return _fashion_mnist(data_path, True), _fashion_mnist(data_path, False)
+    if name in ("cifar10", "cifar100", "stl10"):
+        return _torchvision_dataset(name, data_path, True), _torchvision_dataset(name, data_path, False)
+    if name == "imagefolder":
+        if not data_path:
+            raise DataError("--data imagefolder needs --data_path ROOT (ROOT/<class>/<image>)")
+        return _image_folder(data_path, eval_size)
+    raise DataError(f"unknown --data {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-crop augmentation, batched.
+
+def random_resized_crop_boxes(n, height, width, scale, g, ratio=(3 / 4, 4 / 3), tries=10):
+    """torchvision's RandomResizedCrop.get_params for n crops at once -> (n, 4) (top, left, h, w).
+    Area fraction ~ U(scale), log aspect ~ U(log ratio); the first of 10 tries that fits wins,
+    else the whole image (our images are square or close to it, the centre-crop fallback)."""
+    area = height * width * torch.empty(n, tries).uniform_(*scale, generator=g)
+    log_r = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
+    w = torch.sqrt(area * log_r.exp()).round()
+    h = torch.sqrt(area / log_r.exp()).round()
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.float().argmax(1)  # index of the first try that fits (0 when none does)
+    w = torch.where(fits.any(1), w[torch.arange(n), first], torch.tensor(float(width)))
+    h = torch.where(fits.any(1), h[torch.arange(n), first], torch.tensor(float(height)))
+    top = (torch.rand(n, generator=g) * (height - h + 1)).floor()
+    left = (torch.rand(n, generator=g) * (width - w + 1)).floor()
+    return torch.stack([top, left, h, w], 1).long()
+
+
+def resized_crops(images, boxes, flips, size):
+    """Crop boxes (n, 4) of images (n, C, H, W) float, resized bicubically to size x size and
+    flipped where `flips`, with one grid_sample call."""
+    n, _, H, W = images.shape
+    top, left, h, w = boxes.to(images.device, images.dtype).unbind(1)
+    sign = 1.0 - 2.0 * flips.to(images.device, images.dtype)
+    theta = torch.zeros(n, 2, 3, device=images.device, dtype=images.dtype)
+    theta[:, 0, 0] = w / W * sign                # output x in [-1, 1] -> input x (normalised)
+    theta[:, 0, 2] = (2 * left + w) / W - 1
+    theta[:, 1, 1] = h / H
+    theta[:, 1, 2] = (2 * top + h) / H - 1
+    grid = F.affine_grid(theta, (n, 3, size, size), align_corners=False)
+    out = F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
+    return out.clamp_(0, 1)
+
+
+def grey(x):
+    """ITU-R 601-2 luma, as PIL's convert('L'): (n, 3, h, w) -> (n, 1, h, w)."""
+    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def adjust_hue(x, shift):
+    """Rotate hue by `shift` (n,) turns: RGB -> HSV, h += shift, HSV -> RGB."""
+    r, g_, b = x.unbind(1)
+    maxc, minc = x.max(1).values, x.min(1).values
+    v, delta = maxc, maxc - minc
+    s = delta / maxc.clamp_min(1e-8)
+    d = delta.clamp_min(1e-8)
+    h = torch.where(maxc == r, (g_ - b) / d, torch.where(maxc == g_, 2 + (b - r) / d, 4 + (r - g_) / d))
+    h = torch.where(delta > 0, h / 6 % 1.0, torch.zeros_like(h))
+    h = (h + shift.view(-1, 1, 1)) % 1.0
+    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * h.unsqueeze(1)) % 6
+    return v.unsqueeze(1) - (v * s).unsqueeze(1) * (torch.minimum(k, 4 - k).clamp(0, 1))
+
+
+def color_jitter(x, g, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+    """torchvision's ColorJitter per image: factors drawn uniformly, the four operations applied
+    in an order drawn at random for each image (as torchvision does)."""
+    n, dev = x.shape[0], x.device
+    b = torch.empty(n).uniform_(1 - brightness, 1 + brightness, generator=g).to(dev).view(-1, 1, 1, 1)
+    c = torch.empty(n).uniform_(1 - contrast, 1 + contrast, generator=g).to(dev).view(-1, 1, 1, 1)
+    s = torch.empty(n).uniform_(1 - saturation, 1 + saturation, generator=g).to(dev).view(-1, 1, 1, 1)
+    h = torch.empty(n).uniform_(-hue, hue, generator=g).to(dev)
+    order = torch.rand(n, 4, generator=g).argsort(1).to(dev)  # a random permutation per image
+    for position in range(4):
+        op = order[:, position].view(-1, 1, 1, 1)
+        x = torch.where(op == 0, (x * b).clamp(0, 1), x)
+        x = torch.where(op == 1, (c * x + (1 - c) * grey(x).mean((2, 3), keepdim=True)).clamp(0, 1), x)
+        x = torch.where(op == 2, (s * x + (1 - s) * grey(x)).clamp(0, 1), x)
+        x = torch.where(op == 3, adjust_hue(x, h), x)
+    return x
+
+
+def gaussian_blur(x, sigma):
+    """Blur each image with its own σ (n,) in pixels: a separable Gaussian, reflect padding."""
+    n, C, H, W = x.shape
+    radius = min(int(math.ceil(3 * float(sigma.max()))), (min(H, W) - 1) // 2)
+    if radius < 1:
+        return x
+    t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
+    k = torch.exp(-0.5 * (t / sigma.to(x.device, x.dtype).view(-1, 1)) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(C, 0)  # (n*C, 2r+1)
+    y = F.pad(x.reshape(1, n * C, H, W), (radius, radius, radius, radius), mode="reflect")
+    y = F.conv2d(y, k.view(n * C, 1, 1, -1), groups=n * C)
+    y = F.conv2d(y, k.view(n * C, 1, -1, 1), groups=n * C)
+    return y.view(n, C, H, W)
+
+
+class MultiCrop:
+    """DINO's DataAugmentationDINO as batched tensor ops.
+
+    __call__(images, g) takes a batch of uint8 images (B, 3, H, W) (or, for image folders, the
+    already cropped and flipped uint8 crops from the workers) and returns the list of 2 + N
+    normalised crops: [global 1 (B, 3, G, G), global 2, local 1 (B, 3, L, L), ...]."""
+
+    def __init__(self, global_size=224, local_size=96, global_scale=(0.4, 1.0),
+                 local_scale=(0.05, 0.4), local_number=8, blur_sigma=(0.1, 2.0)):
+        self.global_size, self.local_size = global_size, local_size
+        self.global_scale, self.local_scale, self.local_number = global_scale, local_scale, local_number
+        # The official blur radius is U(0.1, 2.0) pixels at 224-pixel global crops; we keep the
+        # same blur relative to the image by scaling σ with the global crop size (equal at 224).
+        self.blur_sigma = tuple(s * global_size / 224 for s in blur_sigma)
+        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    def crop_plan(self):
+        """(size, scale range, count) of each crop group, in output order."""
+        return [(self.global_size, self.global_scale, 1), (self.global_size, self.global_scale, 1),
+                (self.local_size, self.local_scale, self.local_number)]
+
+    def photometric(self, x, g, blur_p, solarize_p):
+        """Colour jitter (p 0.8), greyscale (p 0.2), blur (p blur_p), solarise (p solarize_p),
+        normalise. x: (n, 3, h, w) in [0, 1]."""
+        n, dev = x.shape[0], x.device
+        coin = lambda p: (torch.rand(n, generator=g) < p).to(dev).view(-1, 1, 1, 1)
+        x = torch.where(coin(0.8), color_jitter(x, g), x)
+        x = torch.where(coin(0.2), grey(x).expand(-1, 3, -1, -1), x)
+        sigma = torch.empty(n).uniform_(*self.blur_sigma, generator=g)
+        x = torch.where(coin(blur_p), gaussian_blur(x, sigma), x) if blur_p > 0 else x
+        if solarize_p > 0:  # PIL's ImageOps.solarize: invert pixels at or above 128
+            x = torch.where(coin(solarize_p), torch.where(x >= 128 / 255, 1 - x, x), x)
+        return (x - self.mean.to(dev)) / self.std.to(dev)
+
+    def __call__(self, images, g):
+        if isinstance(images, (list, tuple)):  # crops from FolderImages workers
+            groups = [images[0], images[1], torch.cat(images[2:]) if self.local_number else None]
+            groups = [x.float() / 255 if x is not None else None for x in groups]
+        else:
+            B, _, H, W = images.shape
+            x = images.float() / 255
+            groups = []
+            for size, scale, count in self.crop_plan():
+                if count == 0:
+                    groups.append(None)
+                    continue
+                boxes = random_resized_crop_boxes(B * count, H, W, scale, g)
+                flips = torch.rand(B * count, generator=g) < 0.5
+                groups.append(resized_crops(x.repeat(count, 1, 1, 1), boxes, flips, size))
+        crops = [self.photometric(groups[0], g, blur_p=1.0, solarize_p=0.0),
+                 self.photometric(groups[1], g, blur_p=0.1, solarize_p=0.2)]
+        if self.local_number:
+            crops += self.photometric(groups[2], g, blur_p=0.5, solarize_p=0.0).chunk(self.local_number)
+        return crops
+
+
+def eval_view(images, size):
+    """uint8 images (B, 3, H, W) -> normalised float (B, 3, size, size) for evaluation
+    (in-memory datasets are resized whole; folders were resized and centre-cropped by workers)."""
+    x = images.float() / 255
+    if x.shape[-1] != size or x.shape[-2] != size:
+        x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN, device=x.device), torch.tensor(IMAGENET_STD, device=x.device)
+    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches: a deterministic shuffled order per epoch, sharded over ranks.
+
+class Loader:
+    """Yields (images, labels) batches of a dataset for one rank.
+
+    The order of epoch e is a permutation seeded by (seed, e), cut to a whole number of global
+    batches and dealt to the ranks, so `epoch(e, start)` can resume at any batch of any epoch.
+    In-memory datasets are indexed directly; image folders go through DataLoader workers."""
+
+    def __init__(self, dataset, batch_size, seed=0, rank=0, world_size=1, num_workers=0,
+                 shuffle=True, drop_last=True, pin_memory=False):
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.shuffle, self.drop_last, self.pin_memory = shuffle, drop_last, pin_memory
+        n, global_batch = len(dataset), batch_size * world_size
+        self.steps = n // global_batch if drop_last else math.ceil(n / global_batch)
+
+    def __len__(self):
+        return self.steps
+
+    def batches(self, epoch):
+        n = len(self.dataset)
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed * 100003 + epoch))
+        else:
+            order = torch.arange(n)
+        gb = self.batch_size * self.world_size
+        out = []
+        for s in range(self.steps):
+            chunk = order[s * gb:(s + 1) * gb]
+            out.append(chunk[self.rank::self.world_size])
+        return out
+
+    def epoch(self, epoch, start=0):
+        batches = self.batches(epoch)[start:]
+        if isinstance(self.dataset, TensorImages):
+            for idx in batches:
+                x, y = self.dataset.images[idx], self.dataset.labels[idx]
+                yield (x.pin_memory(), y) if self.pin_memory else (x, y)
+            return
+        per_sample_seed = lambda i: (self.seed * 1000003 + epoch) * 10000019 + i  # independent of workers
+        sampler = [[(int(i), per_sample_seed(int(i))) for i in idx] for idx in batches]
+        yield from torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, num_workers=self.num_workers,
+            pin_memory=self.pin_memory, persistent_workers=False)

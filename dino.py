@@ -1,0 +1,250 @@
+"""DINO: self-distillation with no labels.
+
+"Emerging Properties in Self-Supervised Vision Transformers", Caron et al. 2021, arXiv 2104.14294;
+official code facebookresearch/dino (main_dino.py, vision_transformer.py).
+
+A student network learns to match the output distribution of a teacher network on different views
+of the same image. The teacher is an exponential moving average of the student and sees only the
+two global crops; the student sees all crops. Collapse is avoided by centring (subtract a running
+mean C of the teacher's outputs) and sharpening (a low teacher temperature). The step reads:
+teacher forward → student forward → cross-entropy over crop pairs → centre update.
+
+Symbols (one notation across the four method files; DINO paper, §3.1 and Algorithm 1):
+    x₁, x₂          the two global crops; x' the local crops      crops[:2], crops[2:]
+    g_θs, g_θt      student, teacher (backbone + head)            self.student, self.teacher
+    K               number of prototypes (head output dim)        cfg.out_dim
+    P_s, P_t        softmax outputs of student and teacher        log_softmax / softmax in dino_loss
+    τ_s, τ_t        student / teacher temperature                 cfg.student_temp, teacher_temp(step)
+    C               centre of the teacher outputs                 self.center
+    m               centre momentum                               cfg.center_momentum
+    λ               teacher EMA momentum (cosine 0.996 → 1)       cfg.momentum_teacher
+    V               number of crops (2 + local)                   len(crops)
+    B               batch per GPU                                 cfg.batch_size_per_gpu
+
+Commands:
+    python dino.py                                       # default CPU run on synthetic data (~10 min)
+    python dino.py --data cifar10 --device cuda          # one GPU
+    torchrun --nproc_per_node=8 dino.py --preset imagenet --data imagefolder \\
+        --data_path /path/to/imagenet --output_dir runs/dino_vits16   # the official ViT-S/16 recipe
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import train as train_lib
+from kernels import distributed as dist
+from vit import ARCHS, build_vit
+
+
+def flag(default, help="", choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class DINOConfig:
+    """Defaults are the official main_dino.py defaults; PRESETS below change some of them."""
+    # model
+    arch: str = flag("vit_small", "backbone: vit_pico | vit_nano | vit_tiny | vit_small | vit_base | vit_large")
+    patch_size: int = flag(16, "patch size in pixels (smaller: better, slower)")
+    drop_path_rate: float = flag(0.1, "stochastic depth rate of the student")
+    out_dim: int = flag(65536, "K, number of prototypes; 65536 works well for complex data like ImageNet")
+    norm_last_layer: bool = flag(True, "weight-normalise the prototypes with fixed norm 1 "
+                                       "(official: false is better for ViT-S but can be unstable)")
+    head_hidden_dim: int = flag(2048, "DINO head MLP width (official DINOHead: 2048)")
+    head_bottleneck_dim: int = flag(256, "DINO head bottleneck before the prototypes (official: 256)")
+    attn_backend: str = flag("sdpa", "attention kernel (kernels/attention.py)", ("sdpa", "math"))
+    # loss and teacher
+    momentum_teacher: float = flag(0.996, "λ, base teacher EMA momentum, cosine to 1; 0.9995 for batch 256")
+    warmup_teacher_temp: float = flag(0.04, "initial τ_t, linearly warmed up to --teacher_temp")
+    teacher_temp: float = flag(0.04, "final τ_t; above 0.07 is unstable")
+    warmup_teacher_temp_epochs: int = flag(0, "epochs of the τ_t warm-up (paper: 30)")
+    student_temp: float = flag(0.1, "τ_s (official DINOLoss: 0.1)")
+    center_momentum: float = flag(0.9, "m of the centre EMA (official DINOLoss: 0.9)")
+    # optimisation
+    epochs: int = flag(100, "training epochs")
+    batch_size_per_gpu: int = flag(64, "images per GPU (per process) and step")
+    lr: float = flag(0.0005, "peak lr for a global batch of 256, scaled linearly: lr·B/256")
+    min_lr: float = flag(1e-6, "final lr of the cosine schedule")
+    warmup_epochs: int = flag(10, "epochs of linear lr warm-up")
+    weight_decay: float = flag(0.04, "initial weight decay (cosine schedule)")
+    weight_decay_end: float = flag(0.4, "final weight decay")
+    clip_grad: float = flag(3.0, "per-parameter gradient norm clip; 0 disables")
+    freeze_last_layer: int = flag(1, "epochs during which the prototypes stay fixed")
+    precision: str = flag("fp32", "fp32 | bf16 | fp16 (autocast; fp16 with a grad scaler)", ("fp32", "bf16", "fp16"))
+    # multi-crop
+    global_crops_size: int = flag(224, "global crop size in pixels")
+    local_crops_size: int = flag(96, "local crop size in pixels")
+    global_crops_scale: tuple = flag((0.4, 1.0), "area range of global crops")
+    local_crops_number: int = flag(8, "number of local crops (0 disables multi-crop)")
+    local_crops_scale: tuple = flag((0.05, 0.4), "area range of local crops")
+    # data and run
+    data: str = flag("imagefolder", "synthetic | fashion-mnist | cifar10 | cifar100 | stl10 | imagefolder")
+    data_path: str = flag("", "dataset root")
+    output_dir: str = flag("runs/dino", "checkpoint.pth, config.json, log.jsonl go here; resumed if present")
+    saveckp_freq: int = flag(20, "keep a numbered checkpoint every N epochs (0: never)")
+    seed: int = flag(0, "random seed")
+    num_workers: int = flag(10, "data loading workers per process (image folders)")
+    device: str = flag("auto", "auto | cpu | cuda | mps")
+    max_steps: int = flag(0, "stop after this many steps in total (0: run all epochs)")
+    eval_every: int = flag(1, "epochs between k-NN evaluations (0: never)")
+
+
+PRESETS = {
+    # The official defaults of main_dino.py, untouched.
+    "official": {},
+    # The default: a CPU run on the embedded synthetic data that learns in about 10 minutes on
+    # 2 cores. Every change from the official values is forced by that budget.
+    "synthetic": dict(
+        data="synthetic", arch="vit_pico", patch_size=8,     # 32x32 images: 16 patches + CLS
+        global_crops_size=32, local_crops_size=16,           # the 224/96 ratio on 32-pixel images
+        local_crops_number=4,                                # fewer crops: more steps in the budget
+        out_dim=1024, head_hidden_dim=256, head_bottleneck_dim=64,  # 10 classes, a 96-wide ViT
+        epochs=20, warmup_epochs=2, batch_size_per_gpu=128,
+        lr=0.002,                                            # higher lr for a small model and short run
+        momentum_teacher=0.99,                               # few steps: a faster teacher
+        drop_path_rate=0.0, num_workers=0, output_dir="runs/dino", saveckp_freq=0),
+    # Official ViT-S/16 recipe (README, "boosts": 300 epochs, τ_t 0.04 → 0.07 over 30 epochs,
+    # unnormalised last layer; 2 nodes x 8 GPUs x 64 = batch 1024), bf16 instead of fp16.
+    "imagenet": dict(
+        data="imagefolder", arch="vit_small", patch_size=16, epochs=300, teacher_temp=0.07,
+        warmup_teacher_temp_epochs=30, norm_last_layer=False, precision="bf16",
+        output_dir="runs/dino_imagenet"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Head
+
+class WeightNormLinear(nn.Module):
+    """Linear layer without bias whose rows are w_k = g_k · v_k / ‖v_k‖ (Salimans & Kingma 2016):
+    the K prototypes. With norm_last_layer, g is fixed at 1 (unit-norm prototypes)."""
+
+    def __init__(self, in_dim, out_dim, train_g=False):
+        super().__init__()
+        v = torch.empty(out_dim, in_dim)
+        nn.init.kaiming_uniform_(v, a=5 ** 0.5)  # nn.Linear's default init, as official
+        self.weight_v = nn.Parameter(v)
+        self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=train_g)
+
+    def forward(self, x):
+        return F.linear(x, self.weight_g * F.normalize(self.weight_v, dim=1))
+
+
+class DINOHead(nn.Module):
+    """3-layer MLP (GELU) to a bottleneck, L2-normalise, weight-normed prototypes: (B, D) -> (B, K)."""
+
+    def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(),
+                                 nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+                                 nn.Linear(hidden_dim, bottleneck_dim))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, train_g=not norm_last_layer)
+
+    def forward(self, x):
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+
+
+class MultiCropNet(nn.Module):
+    """backbone + head over a list of crops: one backbone forward per run of same-size crops
+    (2 global, then the locals), one head forward on all CLS tokens. -> (V·B, K)."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def forward(self, crops):
+        feats, start = [], 0
+        while start < len(crops):
+            end = start
+            while end < len(crops) and crops[end].shape[-1] == crops[start].shape[-1]:
+                end += 1
+            feats.append(self.backbone(torch.cat(crops[start:end])))  # (n·B, D)
+            start = end
+        return self.head(torch.cat(feats))
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss
+
+def dino_loss(student_out, teacher_out, center, student_temp, teacher_temp):
+    """DINO Eq. 1 / Algorithm 1: H(P_t, P_s) summed over all pairs (teacher global view, student
+    view) except a view with itself, averaged over the 2V−2 pairs.
+
+    student_out: (V·B, K) logits of all V crops; teacher_out: (2·B, K) of the 2 global crops."""
+    V = student_out.shape[0] // (teacher_out.shape[0] // 2)
+    log_ps = (student_out.float() / student_temp).log_softmax(dim=-1).chunk(V)        # log P_s
+    pt = ((teacher_out.float() - center) / teacher_temp).softmax(dim=-1).detach().chunk(2)  # P_t
+    total, pairs = 0.0, 0
+    for t, p in enumerate(pt):
+        for s, log_p in enumerate(log_ps):
+            if s == t:  # the same view: skipped
+                continue
+            total = total + (-p * log_p).sum(dim=-1).mean()   # H(P_t, P_s) = −Σ_k P_t log P_s
+            pairs += 1
+    return total / pairs
+
+
+@torch.no_grad()
+def update_center(center, teacher_out, momentum):
+    """DINO Eq. 4: C ← m·C + (1−m)·mean of the teacher outputs over the global batch (all ranks)."""
+    batch_sum = dist.all_reduce_sum(teacher_out.float().sum(dim=0, keepdim=True))
+    batch_center = batch_sum / (teacher_out.shape[0] * dist.world_size())
+    return center * momentum + batch_center * (1 - momentum)
+
+
+# ----------------------------------------------------------------------------------------------
+# The method
+
+class DINO(nn.Module):
+    def __init__(self, cfg, steps_per_epoch=1):
+        super().__init__()
+        self.cfg, self.steps_per_epoch = cfg, steps_per_epoch
+        vit = lambda dpr: build_vit(cfg.arch, cfg.patch_size, img_size=cfg.global_crops_size,
+                                    drop_path_rate=dpr, attn_backend=cfg.attn_backend)
+        head = lambda: DINOHead(ARCHS[cfg.arch][0], cfg.out_dim, cfg.head_hidden_dim,
+                                cfg.head_bottleneck_dim, cfg.norm_last_layer)
+        self.student = MultiCropNet(vit(cfg.drop_path_rate), head())
+        self.teacher = MultiCropNet(vit(0.0), head())  # the official teacher has no drop path
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.register_buffer("center", torch.zeros(1, cfg.out_dim))  # C
+
+    def teacher_temp(self, step):
+        """τ_t: linear warm-up from warmup_teacher_temp over warmup_teacher_temp_epochs (per epoch)."""
+        epoch = step // self.steps_per_epoch
+        return train_lib.linear_warmup_epochs(epoch, self.cfg.warmup_teacher_temp, self.cfg.teacher_temp,
+                                              self.cfg.warmup_teacher_temp_epochs)
+
+    def forward(self, crops, step):
+        cfg = self.cfg
+        with torch.no_grad():
+            teacher_out = self.teacher(crops[:2])      # (2·B, K): global crops only
+        student_out = self.student(crops)              # (V·B, K): all crops
+        tau_t = self.teacher_temp(step)
+        loss = dino_loss(student_out, teacher_out, self.center, cfg.student_temp, tau_t)
+        self.center.copy_(update_center(self.center, teacher_out, cfg.center_momentum))
+        return loss, {"dino_loss": loss.item(), "teacher_temp": tau_t}
+
+    def param_groups(self):
+        """AdamW groups: no weight decay on biases and 1-d parameters (norms), as official;
+        the prototypes (last layer) tagged so the loop can freeze them in the first epoch(s)."""
+        groups = {}
+        for name, p in self.student.named_parameters():
+            if not p.requires_grad:
+                continue
+            decay = not (name.endswith(".bias") or p.ndim == 1)
+            last = "last_layer" in name
+            g = groups.setdefault((decay, last), {"params": [], "lr_mult": 1.0,
+                                                  "wd_mult": 1.0 if decay else 0.0, "is_last_layer": last})
+            g["params"].append(p)
+        return list(groups.values())
+
+
+if __name__ == "__main__":
+    train_lib.main(DINOConfig, DINO, PRESETS, description=__doc__.split("\n")[0])

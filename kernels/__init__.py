@@ -1,0 +1,1 @@
+"""nanodino kernels: fused attention, the coding-rate op, torchrun / DDP setup. Never imports a method."""

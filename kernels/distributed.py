@@ -1,0 +1,122 @@
+"""torchrun / DDP plumbing, written once for the four methods.
+
+Under `torchrun --nproc_per_node=N file.py` (one node) or `torchrun --nnodes=M --node_rank=i
+--rdzv_endpoint=HOST:PORT ...` (several), torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; `setup`
+turns them into a process group (NCCL on GPU, Gloo on CPU) and the device of this rank. Without
+torchrun everything runs in one process and no collective is ever called: every helper here
+checks `is_distributed()` first.
+"""
+import os
+import random
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main():
+    return rank() == 0
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only."""
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def choose_device(name="auto"):
+    """'auto' -> cuda if available, else mps, else cpu. Under torchrun each rank takes the GPU of
+    its LOCAL_RANK."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but no CUDA GPU is available")
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        return torch.device("cuda", local)
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeError("--device mps was asked for but MPS is not available")
+    return torch.device(name)
+
+
+def setup(device="auto"):
+    """Start the process group when torchrun launched us; return this rank's device."""
+    dev = choose_device(device)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not is_distributed():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend, device_id=dev if dev.type == "cuda" else None)
+    return dev
+
+
+def cleanup():
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch, offset by the rank (different augmentations per rank)."""
+    s = seed + rank()
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+def all_reduce_sum(x):
+    """Sum over ranks in place (a no-op in one process); returns x."""
+    if is_distributed():
+        dist.all_reduce(x)
+    return x
+
+
+def all_reduce_mean(x):
+    return all_reduce_sum(x) / world_size() if is_distributed() else x
+
+
+def all_gather_cat(x):
+    """Concatenate a tensor over ranks along dim 0 (sizes may differ per rank)."""
+    if not is_distributed():
+        return x
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    m = int(max(s.item() for s in sizes))
+    padded = torch.zeros((m, *x.shape[1:]), dtype=x.dtype, device=x.device)
+    padded[:x.shape[0]] = x
+    out = [torch.zeros_like(padded) for _ in range(world_size())]
+    dist.all_gather(out, padded)
+    return torch.cat([o[:int(s.item())] for o, s in zip(out, sizes)])
+
+
+def broadcast_object(obj):
+    """Rank 0's Python object on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def wrap_ddp(module, device):
+    """DistributedDataParallel around a module when a process group runs, else the module."""
+    if not is_distributed():
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(module, device_ids=ids)
+
+
+def unwrap(module):
+    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module

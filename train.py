@@ -1,0 +1,333 @@
+"""The training loop shared by the four methods: everything that is not in the papers.
+
+`train(cfg, Method)` sets up torchrun / the device, checks the configuration and the data before
+any work, builds the data, the method, AdamW and the precision path, resumes from
+`output_dir/checkpoint.pth` when one is there, and runs: schedules (pure functions of the global
+step), multi-crop augmentation, one step of the method's algorithm, gradient clipping, the last
+layer's freeze, the EMA teacher, `log.jsonl`, k-NN evaluation and atomic checkpoints. It never
+asks which method it runs (the method contract, DESIGN.md):
+
+    method = Method(cfg, steps_per_epoch)   # nn.Module with .student and .teacher
+    loss, logs = method(crops, step)        # one step of the paper's algorithm
+    method.param_groups()                   # dicts with params, lr_mult, wd_mult, is_last_layer
+
+`config_cli` turns a method's dataclass into its command line (flags = fields).
+"""
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import data as data_lib
+import eval as eval_lib
+from kernels import distributed as dist
+from vit import ARCHS
+
+
+class ConfigError(Exception):
+    """A bad flag: reported to the user as one line, before any work."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules: pure functions of the global step (official `cosine_scheduler`, one value at a time).
+
+def cosine_schedule(step, base, final, total_steps, warmup_steps=0, warmup_start=0.0):
+    """Linear warm-up from warmup_start to base over warmup_steps (np.linspace's endpoints, as
+    official), then a half cosine from base to final over the remaining steps."""
+    if step < warmup_steps:
+        return warmup_start + (base - warmup_start) * (step / (warmup_steps - 1) if warmup_steps > 1 else 0.0)
+    t = min(step - warmup_steps, total_steps - warmup_steps - 1) / max(1, total_steps - warmup_steps)
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * t))
+
+
+def linear_warmup_epochs(epoch, start, end, warmup_epochs):
+    """Official teacher-temperature schedule: np.linspace(start, end, warmup_epochs) indexed by
+    the epoch, then constant at end."""
+    if epoch >= warmup_epochs:
+        return end
+    return start + (end - start) * (epoch / (warmup_epochs - 1) if warmup_epochs > 1 else 0.0)
+
+
+def schedules(cfg, step, steps_per_epoch):
+    """lr, weight decay and teacher momentum at a global step. lr follows the linear scaling
+    rule lr = base·B/256 with B the global batch (official main_dino.py)."""
+    total = cfg.epochs * steps_per_epoch
+    batch = cfg.batch_size_per_gpu * dist.world_size()
+    return {"lr": cosine_schedule(step, cfg.lr * batch / 256, cfg.min_lr, total, cfg.warmup_epochs * steps_per_epoch),
+            "wd": cosine_schedule(step, cfg.weight_decay, cfg.weight_decay_end, total),
+            "momentum": cosine_schedule(step, cfg.momentum_teacher, 1.0, total)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Pieces of the step that every method shares.
+
+@torch.no_grad()
+def ema_update(student, teacher, momentum):
+    """Teacher ← λ·teacher + (1−λ)·student (DINO Eq. 2 with λ = momentum), all tensors at once."""
+    s, t = list(student.parameters()), list(teacher.parameters())
+    torch._foreach_lerp_(t, s, 1.0 - momentum)
+
+
+def clip_gradients(params, clip):
+    """Official DINO clipping: each parameter's gradient norm is clipped to `clip` on its own
+    (not one global norm). Returns the norms before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch._foreach_norm(grads)
+    torch._foreach_mul_(grads, [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms])
+    return norms
+
+
+def autocast(device, precision):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: dataclass <-> command line, checks.
+
+def _parse_bool(s):
+    if s.lower() in ("1", "true", "yes", "on"):
+        return True
+    if s.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2
+        sys.exit(f"{self.prog}: error: {message}")
+
+
+def config_cli(Config, presets, argv=None, description=""):
+    """Parse argv into Config: dataclass defaults, then `--preset`'s values, then explicit flags."""
+    p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="synthetic", choices=sorted(presets),
+                   help="a named recipe applied before the explicit flags")
+    p.add_argument("--use_fp16", type=_parse_bool, default=None,
+                   help="official flag name: true is --precision fp16")
+    for f in dataclasses.fields(Config):
+        default = f.default
+        kw = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        if isinstance(default, bool):
+            kw["type"] = _parse_bool
+        elif isinstance(default, tuple):
+            kw.update(type=type(default[0]), nargs=len(default))
+        else:
+            kw["type"] = type(default)
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
+        p.add_argument(f"--{f.name}", **kw)
+    args = vars(p.parse_args(argv))
+    values = dict(presets[args.pop("preset")])
+    use_fp16 = args.pop("use_fp16")
+    if use_fp16 is not None:
+        values["precision"] = "fp16" if use_fp16 else "fp32"
+    values.update({k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
+    return Config(**values)
+
+
+def check_config(cfg):
+    """Every flag that can be checked before any work; raises ConfigError naming it."""
+    def need(ok, msg):
+        if not ok:
+            raise ConfigError(msg)
+    need(cfg.arch in ARCHS, f"unknown --arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
+    need(cfg.data in data_lib.DATASETS, f"unknown --data {cfg.data!r}; choose one of {', '.join(data_lib.DATASETS)}")
+    for name in ("batch_size_per_gpu", "epochs", "patch_size", "global_crops_size", "local_crops_size", "out_dim"):
+        if hasattr(cfg, name):
+            need(getattr(cfg, name) > 0, f"--{name} must be positive, got {getattr(cfg, name)}")
+    for name in ("global_crops_size", "local_crops_size"):
+        need(getattr(cfg, name) % cfg.patch_size == 0,
+             f"--{name} {getattr(cfg, name)} is not divisible by --patch_size {cfg.patch_size}")
+    need(cfg.local_crops_number >= 0, f"--local_crops_number must be >= 0, got {cfg.local_crops_number}")
+    for name in ("global_crops_scale", "local_crops_scale"):
+        lo, hi = getattr(cfg, name)
+        need(0 < lo <= hi <= 1, f"--{name} must satisfy 0 < min <= max <= 1, got {lo} {hi}")
+    for name in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "warmup_epochs",
+                 "eval_every", "saveckp_freq", "num_workers", "max_steps", "freeze_last_layer"):
+        if hasattr(cfg, name):
+            need(getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    need(0 <= cfg.momentum_teacher <= 1, f"--momentum_teacher must be in [0, 1], got {cfg.momentum_teacher}")
+    need(0 <= cfg.drop_path_rate < 1, f"--drop_path_rate must be in [0, 1), got {cfg.drop_path_rate}")
+    need(cfg.precision in ("fp32", "bf16", "fp16"), f"--precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
+    need(cfg.device in ("auto", "cpu", "cuda", "mps"), f"--device must be auto, cpu, cuda or mps, got {cfg.device!r}")
+    need(cfg.output_dir != "", "--output_dir must not be empty")
+    if cfg.data == "imagefolder":
+        need(cfg.data_path != "", "--data imagefolder needs --data_path ROOT")
+    if cfg.data_path:
+        need(os.path.isdir(cfg.data_path), f"--data_path {cfg.data_path!r} does not exist or is not a directory")
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and logs.
+
+def save_checkpoint(path, state):
+    """Atomic: write to a temporary file, flush to disk, then rename over the old checkpoint."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise ConfigError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
+                          f"move it away to start afresh") from None
+
+
+def _comparable(cfg_dict):
+    """Config fields whose change makes a run a different run (not the run-control ones)."""
+    skip = {"output_dir", "max_steps", "eval_every", "saveckp_freq", "num_workers", "device", "data_path"}
+    return {k: v for k, v in cfg_dict.items() if k not in skip}
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+def train(cfg, Method):
+    check_config(cfg)
+    device = dist.setup(cfg.device)
+    dist.seed_everything(cfg.seed)
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and dist.world_size() > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size()))
+    out = Path(cfg.output_dir)
+    ckpt_path = out / "checkpoint.pth"
+    cfg_dict = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    resume = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
+    if resume is not None and _comparable(resume["config"]) != _comparable(cfg_dict):
+        diff = sorted(k for k in _comparable(cfg_dict) if resume["config"].get(k) != cfg_dict.get(k))
+        raise ConfigError(f"{out} holds a run with a different config ({', '.join(diff)}); "
+                          f"use another --output_dir or delete {ckpt_path}")
+
+    train_set, eval_set = data_lib.load_dataset(cfg.data, cfg.data_path, eval_size=cfg.global_crops_size)
+    augment = data_lib.MultiCrop(cfg.global_crops_size, cfg.local_crops_size, cfg.global_crops_scale,
+                                 cfg.local_crops_scale, cfg.local_crops_number)
+    if isinstance(train_set, data_lib.FolderImages):
+        train_set.crops = augment.crop_plan()
+    loader = data_lib.Loader(train_set, cfg.batch_size_per_gpu, cfg.seed, dist.rank(), dist.world_size(),
+                             cfg.num_workers, pin_memory=device.type == "cuda")
+    if len(loader) == 0:
+        raise ConfigError(f"the training set has {len(train_set)} images, fewer than one global batch "
+                          f"of {cfg.batch_size_per_gpu * dist.world_size()}")
+    steps_per_epoch = len(loader)
+
+    method = Method(cfg, steps_per_epoch).to(device)
+    groups = method.param_groups()
+    optimizer = torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    start_step = 0
+    if resume is not None:
+        method.load_state_dict(resume["method"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scaler.load_state_dict(resume["scaler"])
+        start_step = resume["step"]
+    method.student = dist.wrap_ddp(method.student, device)
+
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
+        n_params = sum(p.numel() for p in dist.unwrap(method.student).parameters())
+        dist.print0(f"{type(method).__name__}: {cfg.arch}/{cfg.patch_size}, {n_params / 1e6:.2f}M student "
+                    f"parameters, {cfg.data} ({len(train_set)} train / {len(eval_set)} held-out images), "
+                    f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, world size {dist.world_size()}, "
+                    f"device {device}, {cfg.precision}")
+        dist.print0("config: " + json.dumps(cfg_dict))
+        if resume is not None:
+            dist.print0(f"resuming from {ckpt_path} at step {start_step} (epoch {start_step // steps_per_epoch})")
+
+    total_steps = cfg.epochs * steps_per_epoch
+    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
+    step, t0, seen = start_step, time.time(), 0
+    while step < last_step:
+        epoch, first = divmod(step, steps_per_epoch)
+        method.train()
+        sums, count = {}, 0
+        for images, _ in loader.epoch(epoch, first):
+            sched = schedules(cfg, step, steps_per_epoch)
+            for g in optimizer.param_groups:
+                g["lr"] = sched["lr"] * g["lr_mult"]
+                g["weight_decay"] = sched["wd"] * g["wd_mult"]
+            gen = torch.Generator().manual_seed((cfg.seed * 1000003 + step) * 1009 + dist.rank())
+            crops = augment(images.to(device, non_blocking=True) if torch.is_tensor(images)
+                            else [c.to(device, non_blocking=True) for c in images], gen)
+            with autocast(device, cfg.precision):
+                loss, logs = method(crops, step)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {step} ({logs}); stopping, "
+                                         f"the last good checkpoint is kept in {ckpt_path}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            params = [p for g in groups for p in g["params"]]
+            if cfg.clip_grad:
+                scaler.unscale_(optimizer)
+                clip_gradients(params, cfg.clip_grad)
+            if epoch < cfg.freeze_last_layer:  # official: the prototypes stay fixed in epoch 0
+                for g in groups:
+                    if g["is_last_layer"]:
+                        for p in g["params"]:
+                            p.grad = None
+            scaler.step(optimizer)
+            scaler.update()
+            ema_update(dist.unwrap(method.student), method.teacher, sched["momentum"])
+
+            logs = {"loss": loss.item(), **logs}
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count, seen, step = count + 1, seen + cfg.batch_size_per_gpu, step + 1
+            if step % max(1, steps_per_epoch // 4) == 0 or step == last_step:
+                rate = seen * dist.world_size() / (time.time() - t0)
+                eta = (last_step - step) * cfg.batch_size_per_gpu * dist.world_size() / max(rate, 1e-9)
+                dist.print0(f"epoch {epoch} step {step}/{last_step} " +
+                            " ".join(f"{k} {v:.4f}" for k, v in logs.items()) +
+                            f" lr {sched['lr']:.2e} | {rate:.0f} img/s, eta {eta / 60:.1f} min")
+            if step == last_step or step % steps_per_epoch == 0:
+                break
+
+        # end of an epoch (or of --max_steps): log, evaluate, checkpoint
+        record = {"epoch": epoch, "step": step, "train_loss": sums.get("loss", 0) / max(count, 1),
+                  **{k: v / max(count, 1) for k, v in sums.items() if k != "loss"},
+                  "lr": sched["lr"], "wd": sched["wd"], "momentum": sched["momentum"]}
+        done_epoch = step % steps_per_epoch == 0
+        if cfg.eval_every and ((done_epoch and (epoch + 1) % cfg.eval_every == 0) or step == last_step):
+            top1, top5 = eval_lib.knn_eval(method.teacher.backbone, train_set, eval_set, cfg.global_crops_size,
+                                           device, batch_size=256, num_workers=cfg.num_workers)
+            record.update(knn_top1=top1, knn_top5=top5)
+            dist.print0(f"epoch {epoch}: k-NN top-1 {top1:.2f} top-5 {top5:.2f}")
+        record["time"] = time.time() - t0
+        if dist.is_main():
+            with open(out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            state = {"method": {k.replace("student.module.", "student."): v for k, v in method.state_dict().items()}, "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "config": cfg_dict}
+            save_checkpoint(ckpt_path, state)
+            if cfg.saveckp_freq and done_epoch and (epoch + 1) % cfg.saveckp_freq == 0:
+                save_checkpoint(out / f"checkpoint{epoch:04d}.pth", state)
+    dist.print0(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min; outputs in {out}")
+    dist.cleanup()
+    return method
+
+
+def main(Config, Method, presets, description=""):
+    """Command-line entry point of a method file: one-line errors, non-zero exit."""
+    cfg = config_cli(Config, presets, description=description)
+    try:
+        train(cfg, Method)
+    except (ConfigError, data_lib.DataError, FloatingPointError) as e:
+        sys.exit(f"error: {e}")
+    except RuntimeError as e:
+        if "DataError" in str(e) or "cannot read image" in str(e):  # re-raised from a worker
+            line = [l for l in str(e).splitlines() if "cannot read image" in l]
+            sys.exit(f"error: {line[-1].split('DataError: ')[-1] if line else e}")
+        raise

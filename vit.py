@@ -1,0 +1,227 @@
+"""Vision Transformer (Dosovitskiy et al. 2020, arXiv 2010.11929) as DINO and DINOv2 use it.
+
+One backbone for all four methods: patch embedding, a CLS token, optional register tokens
+(Darcet et al. 2023, arXiv 2309.16588), a learned position embedding interpolated (bicubic) to any
+input size so 224-pixel global and 96-pixel local crops share one model, pre-norm blocks with
+stochastic depth and optional LayerScale, and a final LayerNorm. Initialisation follows the
+official DINO `vision_transformer.py`.
+
+Letters used in shape comments: B batch, N patch tokens, T all tokens (1 + R + N), R registers,
+D width, H heads, d head width (D / H), P patch size.
+
+    model = vit_small(patch_size=16)
+    out = model.forward_features(images)   # dict of normalised CLS / register / patch tokens
+    cls = model(images)                     # (B, D) normalised CLS token
+    attn = model.get_last_selfattention(images)   # (B, H, T, T) last block's attention
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.attention import attention, attention_weights
+
+# name: (width D, depth, heads H). tiny/small/base from DINO, large from DINOv2; the two
+# smallest are ours, sized for the CPU default runs on the 32x32 synthetic data.
+ARCHS = {
+    "vit_pico": (96, 4, 3),
+    "vit_nano": (128, 6, 4),
+    "vit_tiny": (192, 12, 3),
+    "vit_small": (384, 12, 6),
+    "vit_base": (768, 12, 12),
+    "vit_large": (1024, 24, 16),
+}
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al. 2016): drop a residual branch per sample, rescale the kept."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(keep)  # (B, 1, 1)
+        return x * mask / keep
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads, qkv_bias=True, backend="sdpa"):
+        super().__init__()
+        self.num_heads, self.backend = num_heads, backend
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def qkv_heads(self, x):
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads)
+        return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, d)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv_heads(x)
+        x = attention(q, k, v, backend=self.backend)  # (B, H, T, d)
+        return self.proj(x.transpose(1, 2).reshape(B, T, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    """DINOv2 / CaiT: a learned per-channel gain on each residual branch, initialised small."""
+
+    def __init__(self, dim, init):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init)))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + γ₁·Attn(LN(x)), then x + γ₂·FFN(LN(x)), each with drop path."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0,
+                 layerscale=None, attn_backend="sdpa", ffn=None):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_backend)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = ffn if ffn is not None else Mlp(dim, int(dim * mlp_ratio))
+        self.ls1 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
+        self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=384, depth=12,
+                 num_heads=6, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0,
+                 num_register_tokens=0, layerscale=None, use_mask_token=False, attn_backend="sdpa"):
+        super().__init__()
+        if img_size % patch_size:
+            raise ValueError(f"image size {img_size} is not divisible by the patch size {patch_size}")
+        self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
+        self.num_register_tokens = num_register_tokens
+        self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        grid = img_size // patch_size
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))  # CLS + patches
+        self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
+        # replaces masked patches (iBOT); only created when used, so DDP sees no unused parameter
+        self.mask_token = nn.Parameter(torch.zeros(1, embed_dim)) if use_mask_token else None
+        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # DINO: linearly increasing drop path
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], layerscale, attn_backend)
+            for i in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.init_weights()
+
+    def init_weights(self):
+        """Official DINO init: truncated normal (std 0.02) for Linear weights, position embedding
+        and CLS token; zero biases; LayerNorm 1 / 0; patch-embedding conv left at PyTorch's default.
+        Registers as DINOv2 (normal, std 1e-6); the mask token starts at zero."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        if self.register_tokens is not None:
+            nn.init.normal_(self.register_tokens, std=1e-6)
+
+    def interpolate_pos_encoding(self, h, w):
+        """Position embedding for an h x w patch grid: the learned grid resized bicubically.
+        As the official code, 0.1 is added to the target size inside the scale factor so that
+        floating-point error cannot round the output grid down (facebookresearch/dino issue 8)."""
+        pos = self.pos_embed
+        n = pos.shape[1] - 1
+        side = int(math.sqrt(n))
+        if h == side and w == side:
+            return pos
+        patch_pos = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
+        patch_pos = F.interpolate(patch_pos.float(), mode="bicubic",
+                                  scale_factor=((h + 0.1) / side, (w + 0.1) / side))
+        assert patch_pos.shape[-2:] == (h, w)
+        patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)
+        return torch.cat([pos[:, :1], patch_pos], dim=1)  # (1, 1 + N, D)
+
+    def prepare_tokens(self, x, masks=None):
+        """Images (B, C, H, W) -> tokens (B, T, D): [CLS, registers, patches] + position.
+        masks: optional (B, N) bool, True where a patch is replaced by the mask token (iBOT)."""
+        B, _, H, W = x.shape
+        if H % self.patch_size or W % self.patch_size:
+            raise ValueError(f"input {H}x{W} is not divisible by the patch size {self.patch_size}")
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        if masks is not None:
+            x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, D)
+        x = x + self.interpolate_pos_encoding(H // self.patch_size, W // self.patch_size)
+        if self.register_tokens is not None:  # registers carry no position (DINOv2)
+            x = torch.cat([x[:, :1], self.register_tokens.expand(B, -1, -1), x[:, 1:]], dim=1)
+        return x
+
+    def forward_features(self, x, masks=None):
+        x = self.prepare_tokens(x, masks)
+        for blk in self.blocks:
+            x = blk(x)
+        x = self.norm(x)  # (B, T, D)
+        R = self.num_register_tokens
+        return {"x_norm_clstoken": x[:, 0],            # (B, D)
+                "x_norm_regtokens": x[:, 1:1 + R],     # (B, R, D)
+                "x_norm_patchtokens": x[:, 1 + R:],    # (B, N, D)
+                "masks": masks}
+
+    def forward(self, x):
+        return self.forward_features(x)["x_norm_clstoken"]
+
+    def get_intermediate_layers(self, x, n=1):
+        """Normalised outputs of the last n blocks, each (B, T, D) (linear probe: last 4 CLS)."""
+        x, out = self.prepare_tokens(x), []
+        for i, blk in enumerate(self.blocks):
+            x = blk(x)
+            if i >= len(self.blocks) - n:
+                out.append(self.norm(x))
+        return out
+
+    @torch.no_grad()
+    def get_last_selfattention(self, x):
+        """The last block's attention weights (B, H, T, T), computed on the explicit `math` path."""
+        x = self.prepare_tokens(x)
+        for blk in self.blocks[:-1]:
+            x = blk(x)
+        last = self.blocks[-1]
+        q, k, _ = last.attn.qkv_heads(last.norm1(x))
+        return attention_weights(q, k)
+
+
+def build_vit(arch, patch_size=16, img_size=224, **kwargs):
+    """`arch` is one of ARCHS; kwargs go to VisionTransformer (drop_path_rate, registers, ...)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    embed_dim, depth, num_heads = ARCHS[arch]
+    return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
+                             depth=depth, num_heads=num_heads, **kwargs)
+
+
+def vit_tiny(patch_size=16, **kw): return build_vit("vit_tiny", patch_size, **kw)
+def vit_small(patch_size=16, **kw): return build_vit("vit_small", patch_size, **kw)
+def vit_base(patch_size=16, **kw): return build_vit("vit_base", patch_size, **kw)
+def vit_large(patch_size=16, **kw): return build_vit("vit_large", patch_size, **kw)
