@@ -103,7 +103,6 @@ PRESETS = {
         out_dim=1024, head_hidden_dim=256, head_bottleneck_dim=64,  # 10 classes, a 96-wide ViT
         epochs=20, warmup_epochs=2, batch_size_per_gpu=128,
         lr=0.002,                                            # higher lr for a small model and short run
-        momentum_teacher=0.99,                               # few steps: a faster teacher
         drop_path_rate=0.0, num_workers=0, output_dir="runs/dino", saveckp_freq=0),
     # Official ViT-S/16 recipe (README, "boosts": 300 epochs, τ_t 0.04 → 0.07 over 30 epochs,
     # unnormalised last layer; 2 nodes x 8 GPUs x 64 = batch 1024), bf16 instead of fp16.

@@ -1,0 +1,121 @@
+"""Training-step benchmark: median step time, images/s, peak memory, and MFU on a GPU.
+
+    python bench.py                          # CPU: the default synthetic config, and ViT-S/16 2x224+10x96 at batch 8
+    python bench.py --device cuda            # GPU: ViT-S/16, 2x224 + 10x96, batch 64, bf16
+    python bench.py --method simdino ...     # any method file with the same contract
+
+A step is everything the loop does per batch: multi-crop augmentation of uint8 images, teacher
+and student forward, loss, backward, clipping, AdamW, EMA. Numbers are printed, never asserted.
+"""
+import argparse
+import importlib
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+import data as data_lib
+import train as train_lib
+from vit import ARCHS
+
+
+def vit_forward_flops(arch, patch, size, batch):
+    """Matmul FLOPs of one ViT forward: per block 24·T·D² (qkv, proj, MLP) + 4·T²·D (QKᵀ, AV)."""
+    D, depth, _ = ARCHS[arch]
+    T = 1 + (size // patch) ** 2
+    return batch * (depth * (24 * T * D * D + 4 * T * T * D) + 2 * (T - 1) * 3 * patch * patch * D)
+
+
+def matmul_peak(device, dtype=torch.bfloat16, n=8192, reps=20):
+    """Measured dense matmul throughput (FLOP/s), the denominator of MFU."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - t)
+
+
+def bench(module, overrides, device, steps=10, warmup=3):
+    presets = getattr(module, "PRESETS")
+    Config = next(v for k, v in vars(module).items() if k.endswith("Config") and isinstance(v, type))
+    Method = next(v for k, v in vars(module).items() if isinstance(v, type) and issubclass(v, torch.nn.Module)
+                  and k.upper() == module.__name__.upper())
+    cfg = Config(**{**presets["synthetic"], **overrides, "device": device.type})
+    method = Method(cfg, steps_per_epoch=1000).to(device)
+    groups = method.param_groups()
+    opt = torch.optim.AdamW(groups, lr=1e-4, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    augment = data_lib.MultiCrop(cfg.global_crops_size, cfg.local_crops_size, cfg.global_crops_scale,
+                                 cfg.local_crops_scale, cfg.local_crops_number)
+    B = cfg.batch_size_per_gpu
+    images = torch.randint(0, 256, (B, 3, cfg.global_crops_size, cfg.global_crops_size), dtype=torch.uint8)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for i in range(warmup + steps):
+        sync()
+        t = time.perf_counter()
+        crops = augment(images.to(device), torch.Generator().manual_seed(i))
+        with train_lib.autocast(device, cfg.precision):
+            loss, _ = method(crops, i)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        train_lib.clip_gradients([p for g in groups for p in g["params"]], cfg.clip_grad)
+        scaler.step(opt)
+        scaler.update()
+        train_lib.ema_update(method.student, method.teacher, 0.996)
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    step = statistics.median(times)
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    res = {"method": module.__name__, "arch": f"{cfg.arch}/{cfg.patch_size}",
+           "crops": f"2x{cfg.global_crops_size}+{cfg.local_crops_number}x{cfg.local_crops_size}",
+           "batch": B, "precision": cfg.precision, "device": str(device), "median_step_s": round(step, 4),
+           "images_per_s": round(B / step, 1), "peak_memory_MiB": round(peak / 2 ** 20),
+           "peak_is": "max allocated" if device.type == "cuda" else "process max RSS"}
+    # model FLOPs: student forward + backward (3x) on all crops, teacher forward on the globals
+    g = vit_forward_flops(cfg.arch, cfg.patch_size, cfg.global_crops_size, B)
+    l = vit_forward_flops(cfg.arch, cfg.patch_size, cfg.local_crops_size, B) * cfg.local_crops_number
+    flops = 3 * (2 * g + l) + 2 * g
+    res["model_TFLOP_per_step"] = round(flops / 1e12, 3)
+    if device.type == "cuda":
+        peak_flops = matmul_peak(device)
+        res["matmul_peak_TFLOPs"] = round(peak_flops / 1e12, 1)
+        res["MFU"] = round(flops / step / peak_flops, 3)
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--method", default="dino")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=10)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    module = importlib.import_module(args.method)
+    device = torch.device(args.device)
+    vits16 = dict(arch="vit_small", patch_size=16, global_crops_size=224, local_crops_size=96,
+                  local_crops_number=10, out_dim=65536, head_hidden_dim=2048, head_bottleneck_dim=256,
+                  drop_path_rate=0.1)
+    if device.type == "cpu":
+        configs = [{}, dict(vits16, batch_size_per_gpu=8)]
+    else:
+        configs = [dict(vits16, batch_size_per_gpu=64, precision="bf16"),
+                   dict(vits16, arch="vit_base", batch_size_per_gpu=64, precision="bf16")]
+    for overrides in configs:
+        print(json.dumps(bench(module, overrides, device, steps=args.steps)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""The shared loop's pieces: schedules against the official numpy implementation, EMA,
+per-parameter clipping, the command line."""
+import numpy as np
+import pytest
+import torch
+
+import train
+from dino import PRESETS, DINOConfig
+
+
+def official_cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
+    """utils.cosine_scheduler of facebookresearch/dino, transcribed to test against."""
+    warmup_schedule = np.array([])
+    warmup_iters = warmup_epochs * niter_per_ep
+    if warmup_epochs > 0:
+        warmup_schedule = np.linspace(start_warmup_value, base_value, warmup_iters)
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    schedule = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((warmup_schedule, schedule))
+
+
+@pytest.mark.parametrize("base,final,epochs,niter,warmup", [
+    (5e-4, 1e-6, 10, 7, 2), (0.04, 0.4, 5, 3, 0), (0.996, 1.0, 4, 11, 0), (1e-3, 0.0, 3, 1, 1)])
+def test_cosine_schedule_matches_official(base, final, epochs, niter, warmup):
+    ref = official_cosine_scheduler(base, final, epochs, niter, warmup)
+    ours = [train.cosine_schedule(s, base, final, epochs * niter, warmup * niter) for s in range(epochs * niter)]
+    assert np.allclose(ours, ref, rtol=0, atol=1e-12)
+
+
+def test_schedules_scale_lr_with_batch():
+    cfg = DINOConfig(batch_size_per_gpu=128, lr=0.001, warmup_epochs=1, epochs=10)
+    s = train.schedules(cfg, 10, steps_per_epoch=10)   # first step after warm-up: the peak
+    assert abs(s["lr"] - 0.001 * 128 / 256) < 1e-12
+    assert s["wd"] < cfg.weight_decay + 0.01 and train.schedules(cfg, 99, 10)["momentum"] > 0.9999
+
+
+def test_ema_update():
+    torch.manual_seed(0)
+    s, t = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    expected = [0.9 * b + 0.1 * a for a, b in zip(s.parameters(), t.parameters())]
+    train.ema_update(s, t, 0.9)
+    for e, p in zip(expected, t.parameters()):
+        assert torch.allclose(e, p.detach(), atol=1e-7)
+
+
+def test_per_parameter_clipping():
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    a.grad, b.grad = torch.tensor([3.0, 4.0, 0.0]), torch.tensor([0.3, 0.4])  # norms 5 and 0.5
+    norms = train.clip_gradients([a, b], 1.0)
+    assert torch.allclose(torch.stack(norms), torch.tensor([5.0, 0.5]))
+    assert abs(a.grad.norm() - 1.0) < 1e-5            # clipped on its own
+    assert torch.allclose(b.grad, torch.tensor([0.3, 0.4]))  # left alone (not a global norm)
+
+
+def test_cli_preset_then_flags():
+    cfg = train.config_cli(DINOConfig, PRESETS, ["--arch", "vit_tiny", "--global_crops_scale", "0.3", "1"])
+    assert cfg.arch == "vit_tiny" and cfg.data == "synthetic" and cfg.global_crops_scale == (0.3, 1.0)
+    cfg = train.config_cli(DINOConfig, PRESETS, ["--preset", "imagenet", "--norm_last_layer", "true", "--use_fp16", "true"])
+    assert cfg.teacher_temp == 0.07 and cfg.norm_last_layer is True and cfg.precision == "fp16"
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--arch", "vit_huge"], "unknown --arch"),
+    (["--batch_size_per_gpu", "-4"], "--batch_size_per_gpu must be positive"),
+    (["--global_crops_size", "30"], "--global_crops_size 30 is not divisible by --patch_size 8"),
+    (["--local_crops_scale", "0.5", "0.2"], "--local_crops_scale"),
+    (["--data", "imagefolder"], "--data imagefolder needs --data_path"),
+    (["--data_path", "/nonexistent/dir"], "does not exist"),
+])
+def test_check_config_names_the_flag(flags, message):
+    cfg = train.config_cli(DINOConfig, PRESETS, flags)
+    with pytest.raises(train.ConfigError, match=message.replace("-", r"\-")):
+        train.check_config(cfg)
