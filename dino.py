@@ -72,7 +72,9 @@ class DINOConfig:
     weight_decay_end: float = flag(0.4, "final weight decay")
     clip_grad: float = flag(3.0, "per-parameter gradient norm clip; 0 disables")
     freeze_last_layer: int = flag(1, "epochs during which the prototypes stay fixed")
-    precision: str = flag("fp32", "fp32 | bf16 | fp16 (autocast; fp16 with a grad scaler)", ("fp32", "bf16", "fp16"))
+    # official --use_fp16 defaults to true (fp16 + grad scaler); fp32 here so the defaults run on any CPU
+    precision: str = flag("fp32", "fp32 | bf16 | fp16 (autocast; fp16 with a grad scaler); official: fp16",
+                          ("fp32", "bf16", "fp16"))
     # multi-crop
     global_crops_size: int = flag(224, "global crop size in pixels")
     local_crops_size: int = flag(96, "local crop size in pixels")

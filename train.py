@@ -108,14 +108,16 @@ class _Parser(argparse.ArgumentParser):
 
 def config_cli(Config, presets, argv=None, description=""):
     """Parse argv into Config: dataclass defaults, then `--preset`'s values, then explicit flags."""
-    p = _Parser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="synthetic", choices=sorted(presets),
                    help="a named recipe applied before the explicit flags")
     p.add_argument("--use_fp16", type=_parse_bool, default=None,
                    help="official flag name: true is --precision fp16")
     for f in dataclasses.fields(Config):
         default = f.default
-        kw = {"default": argparse.SUPPRESS, "help": f.metadata.get("help", "")}
+        shown = {k: v for k, v in presets.get("synthetic", {}).items()}.get(f.name, default)
+        kw = {"default": argparse.SUPPRESS,
+              "help": f"{f.metadata.get('help', '')} [official: {default}; default run: {shown}]".replace("%", "%%")}
         if isinstance(default, bool):
             kw["type"] = _parse_bool
         elif isinstance(default, tuple):
@@ -326,6 +328,9 @@ def main(Config, Method, presets, description=""):
         train(cfg, Method)
     except (ConfigError, data_lib.DataError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted; run the same command again to resume from {cfg.output_dir}/checkpoint.pth "
+                 f"(written at the end of each epoch)")
     except RuntimeError as e:
         if "DataError" in str(e) or "cannot read image" in str(e):  # re-raised from a worker
             line = [l for l in str(e).splitlines() if "cannot read image" in l]
