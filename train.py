@@ -229,6 +229,7 @@ def train(cfg, Method):
     groups = method.param_groups()
     optimizer = torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    params = [p for g in groups for p in g["params"]]
     start_step = 0
     if resume is not None:
         method.load_state_dict(resume["method"])
@@ -271,7 +272,6 @@ def train(cfg, Method):
                                          f"the last good checkpoint is kept in {ckpt_path}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            params = [p for g in groups for p in g["params"]]
             if cfg.clip_grad:
                 scaler.unscale_(optimizer)
                 clip_gradients(params, cfg.clip_grad)
