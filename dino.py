@@ -27,70 +27,30 @@ Commands:
     torchrun --nproc_per_node=8 dino.py --preset imagenet --data imagefolder \\
         --data_path /path/to/imagenet --output_dir runs/dino_vits16   # the official ViT-S/16 recipe
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import train as train_lib
+from train import flag
 from kernels import distributed as dist
 from vit import ARCHS, build_vit
 
 
-def flag(default, help="", choices=None):
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
 @dataclass
-class DINOConfig:
-    """Defaults are the official main_dino.py defaults; PRESETS below change some of them."""
-    # model
-    arch: str = flag("vit_small", "backbone: vit_pico | vit_nano | vit_tiny | vit_small | vit_base | vit_large")
-    patch_size: int = flag(16, "patch size in pixels (smaller: better, slower)")
-    drop_path_rate: float = flag(0.1, "stochastic depth rate of the student")
+class DINOConfig(train_lib.TrainConfig):
+    """TrainConfig plus DINO's head and loss; defaults are the official main_dino.py defaults;
+    PRESETS below change some of them."""
     out_dim: int = flag(65536, "K, number of prototypes; 65536 works well for complex data like ImageNet")
     norm_last_layer: bool = flag(True, "weight-normalise the prototypes with fixed norm 1 "
                                        "(official: false is better for ViT-S but can be unstable)")
-    head_hidden_dim: int = flag(2048, "DINO head MLP width (official DINOHead: 2048)")
-    head_bottleneck_dim: int = flag(256, "DINO head bottleneck before the prototypes (official: 256)")
-    attn_backend: str = flag("sdpa", "attention kernel (kernels/attention.py)", ("sdpa", "math"))
-    # loss and teacher
-    momentum_teacher: float = flag(0.996, "λ, base teacher EMA momentum, cosine to 1; 0.9995 for batch 256")
     warmup_teacher_temp: float = flag(0.04, "initial τ_t, linearly warmed up to --teacher_temp")
     teacher_temp: float = flag(0.04, "final τ_t; above 0.07 is unstable")
     warmup_teacher_temp_epochs: int = flag(0, "epochs of the τ_t warm-up (paper: 30)")
     student_temp: float = flag(0.1, "τ_s (official DINOLoss: 0.1)")
     center_momentum: float = flag(0.9, "m of the centre EMA (official DINOLoss: 0.9)")
-    # optimisation
-    epochs: int = flag(100, "training epochs")
-    batch_size_per_gpu: int = flag(64, "images per GPU (per process) and step")
-    lr: float = flag(0.0005, "peak lr for a global batch of 256, scaled linearly: lr·B/256")
-    min_lr: float = flag(1e-6, "final lr of the cosine schedule")
-    warmup_epochs: int = flag(10, "epochs of linear lr warm-up")
-    weight_decay: float = flag(0.04, "initial weight decay (cosine schedule)")
-    weight_decay_end: float = flag(0.4, "final weight decay")
-    clip_grad: float = flag(3.0, "per-parameter gradient norm clip; 0 disables")
-    freeze_last_layer: int = flag(1, "epochs during which the prototypes stay fixed")
-    # official --use_fp16 defaults to true (fp16 + grad scaler); fp32 here so the defaults run on any CPU
-    precision: str = flag("fp32", "fp32 | bf16 | fp16 (autocast; fp16 with a grad scaler); official: fp16",
-                          ("fp32", "bf16", "fp16"))
-    # multi-crop
-    global_crops_size: int = flag(224, "global crop size in pixels")
-    local_crops_size: int = flag(96, "local crop size in pixels")
-    global_crops_scale: tuple = flag((0.4, 1.0), "area range of global crops")
-    local_crops_number: int = flag(8, "number of local crops (0 disables multi-crop)")
-    local_crops_scale: tuple = flag((0.05, 0.4), "area range of local crops")
-    # data and run
-    data: str = flag("imagefolder", "synthetic | fashion-mnist | cifar10 | cifar100 | stl10 | imagefolder")
-    data_path: str = flag("", "dataset root")
-    output_dir: str = flag("runs/dino", "checkpoint.pth, config.json, log.jsonl go here; resumed if present")
-    saveckp_freq: int = flag(20, "keep a numbered checkpoint every N epochs (0: never)")
-    seed: int = flag(0, "random seed")
-    num_workers: int = flag(10, "data loading workers per process (image folders)")
-    device: str = flag("auto", "auto | cpu | cuda | mps")
-    max_steps: int = flag(0, "stop after this many steps in total (0: run all epochs)")
-    eval_every: int = flag(1, "epochs between k-NN evaluations (0: never)")
 
 
 PRESETS = {
@@ -134,18 +94,25 @@ class WeightNormLinear(nn.Module):
         return F.linear(x, self.weight_g * F.normalize(self.weight_v, dim=1))
 
 
+def head_mlp(in_dim, hidden_dim, out_dim):
+    """The DINO head's 3-layer MLP (Linear-GELU-Linear-GELU-Linear), official init:
+    trunc-normal weights (std 0.02), zero biases. SimDINO's head is this MLP alone."""
+    mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(),
+                        nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
+                        nn.Linear(hidden_dim, out_dim))
+    for m in mlp:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+    return mlp
+
+
 class DINOHead(nn.Module):
     """3-layer MLP (GELU) to a bottleneck, L2-normalise, weight-normed prototypes: (B, D) -> (B, K)."""
 
     def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(),
-                                 nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
-                                 nn.Linear(hidden_dim, bottleneck_dim))
-        for m in self.mlp:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        self.mlp = head_mlp(in_dim, hidden_dim, bottleneck_dim)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, train_g=not norm_last_layer)
 
     def forward(self, x):
@@ -203,18 +170,43 @@ def update_center(center, teacher_out, momentum):
 # ----------------------------------------------------------------------------------------------
 # The method
 
+# ----------------------------------------------------------------------------------------------
+# Student, teacher, optimiser groups (shared by the methods built on DINO)
+
+def student_and_teacher(cfg, make_head):
+    """Student and teacher: the same backbone + head, the teacher a frozen copy of the student at
+    the start (then its EMA) and without stochastic depth, as official."""
+    vit = lambda dpr: build_vit(cfg.arch, cfg.patch_size, img_size=cfg.global_crops_size,
+                                drop_path_rate=dpr, attn_backend=cfg.attn_backend)
+    student = MultiCropNet(vit(cfg.drop_path_rate), make_head())
+    teacher = MultiCropNet(vit(0.0), make_head())
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    return student, teacher
+
+
+def param_groups(student):
+    """AdamW groups: no weight decay on biases and 1-d parameters (norms), as official;
+    the prototypes (last layer) tagged so the loop can freeze them in the first epoch(s)."""
+    groups = {}
+    for name, p in student.named_parameters():
+        if not p.requires_grad:
+            continue
+        decay = not (name.endswith(".bias") or p.ndim == 1)
+        last = "last_layer" in name
+        g = groups.setdefault((decay, last), {"params": [], "lr_mult": 1.0,
+                                              "wd_mult": 1.0 if decay else 0.0, "is_last_layer": last})
+        g["params"].append(p)
+    return list(groups.values())
+
+
 class DINO(nn.Module):
     def __init__(self, cfg, steps_per_epoch=1):
         super().__init__()
         self.cfg, self.steps_per_epoch = cfg, steps_per_epoch
-        vit = lambda dpr: build_vit(cfg.arch, cfg.patch_size, img_size=cfg.global_crops_size,
-                                    drop_path_rate=dpr, attn_backend=cfg.attn_backend)
         head = lambda: DINOHead(ARCHS[cfg.arch][0], cfg.out_dim, cfg.head_hidden_dim,
                                 cfg.head_bottleneck_dim, cfg.norm_last_layer)
-        self.student = MultiCropNet(vit(cfg.drop_path_rate), head())
-        self.teacher = MultiCropNet(vit(0.0), head())  # the official teacher has no drop path
-        self.teacher.load_state_dict(self.student.state_dict())
-        self.teacher.requires_grad_(False)
+        self.student, self.teacher = student_and_teacher(cfg, head)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))  # C
 
     def teacher_temp(self, step):
@@ -234,18 +226,7 @@ class DINO(nn.Module):
         return loss, {"dino_loss": loss.item(), "teacher_temp": tau_t}
 
     def param_groups(self):
-        """AdamW groups: no weight decay on biases and 1-d parameters (norms), as official;
-        the prototypes (last layer) tagged so the loop can freeze them in the first epoch(s)."""
-        groups = {}
-        for name, p in self.student.named_parameters():
-            if not p.requires_grad:
-                continue
-            decay = not (name.endswith(".bias") or p.ndim == 1)
-            last = "last_layer" in name
-            g = groups.setdefault((decay, last), {"params": [], "lr_mult": 1.0,
-                                                  "wd_mult": 1.0 if decay else 0.0, "is_last_layer": last})
-            g["params"].append(p)
-        return list(groups.values())
+        return param_groups(self.student)
 
 
 if __name__ == "__main__":

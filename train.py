@@ -16,6 +16,7 @@ asks which method it runs (the method contract, DESIGN.md):
 import argparse
 import contextlib
 import dataclasses
+from dataclasses import dataclass
 import json
 import math
 import os
@@ -33,6 +34,57 @@ from vit import ARCHS
 
 class ConfigError(Exception):
     """A bad flag: reported to the user as one line, before any work."""
+
+
+def flag(default, help="", choices=None):
+    """A config field with its --help text (and allowed values)."""
+    return dataclasses.field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """The flags every method shares; defaults are the official DINO main_dino.py ones. Each method
+    file subclasses it with its own loss flags (DINOConfig, SimDINOConfig, ...)."""
+    # model
+    arch: str = flag("vit_small", "backbone: vit_pico | vit_nano | vit_tiny | vit_small | vit_base | vit_large")
+    patch_size: int = flag(16, "patch size in pixels (smaller: better, slower)")
+    drop_path_rate: float = flag(0.1, "stochastic depth rate of the student")
+    head_hidden_dim: int = flag(2048, "head MLP width (official DINOHead: 2048)")
+    head_bottleneck_dim: int = flag(256, "head bottleneck (official DINOHead: 256)")
+    attn_backend: str = flag("sdpa", "attention kernel (kernels/attention.py): sdpa (PyTorch fused) | "
+                                         "triton (ours, FlashAttention-2; needs a GPU) | math (reference)",
+                             ("sdpa", "triton", "math"))
+    # teacher
+    momentum_teacher: float = flag(0.996, "λ, base teacher EMA momentum, cosine to 1; 0.9995 for batch 256")
+    # optimisation
+    epochs: int = flag(100, "training epochs")
+    batch_size_per_gpu: int = flag(64, "images per GPU (per process) and step")
+    lr: float = flag(0.0005, "peak lr for a global batch of 256, scaled linearly: lr·B/256")
+    min_lr: float = flag(1e-6, "final lr of the cosine schedule")
+    warmup_epochs: int = flag(10, "epochs of linear lr warm-up")
+    weight_decay: float = flag(0.04, "initial weight decay (cosine schedule)")
+    weight_decay_end: float = flag(0.4, "final weight decay")
+    clip_grad: float = flag(3.0, "per-parameter gradient norm clip; 0 disables")
+    freeze_last_layer: int = flag(1, "epochs during which the prototypes (head last layer) stay fixed")
+    # official --use_fp16 defaults to true (fp16 + grad scaler); fp32 here so the defaults run on any CPU
+    precision: str = flag("fp32", "fp32 | bf16 | fp16 (autocast; fp16 with a grad scaler); official: fp16",
+                          ("fp32", "bf16", "fp16"))
+    # multi-crop
+    global_crops_size: int = flag(224, "global crop size in pixels")
+    local_crops_size: int = flag(96, "local crop size in pixels")
+    global_crops_scale: tuple = flag((0.4, 1.0), "area range of global crops")
+    local_crops_number: int = flag(8, "number of local crops (0 disables multi-crop)")
+    local_crops_scale: tuple = flag((0.05, 0.4), "area range of local crops")
+    # data and run
+    data: str = flag("imagefolder", "synthetic | fashion-mnist | cifar10 | cifar100 | stl10 | imagefolder")
+    data_path: str = flag("", "dataset root")
+    output_dir: str = flag("runs/dino", "checkpoint.pth, config.json, log.jsonl go here; resumed if present")
+    saveckp_freq: int = flag(20, "keep a numbered checkpoint every N epochs (0: never)")
+    seed: int = flag(0, "random seed")
+    num_workers: int = flag(10, "data loading workers per process (image folders)")
+    device: str = flag("auto", "auto | cpu | cuda | mps")
+    max_steps: int = flag(0, "stop after this many steps in total (0: run all epochs)")
+    eval_every: int = flag(1, "epochs between k-NN evaluations (0: never)")
 
 
 # ----------------------------------------------------------------------------------------------
