@@ -369,6 +369,7 @@ def train(cfg, Method):
             if cfg.saveckp_freq and done_epoch and (epoch + 1) % cfg.saveckp_freq == 0:
                 save_checkpoint(out / f"checkpoint{epoch:04d}.pth", state)
     dist.print0(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min; outputs in {out}")
+    method.student = dist.unwrap(method.student)  # DDP gone before the process group (Gloo aborts otherwise)
     dist.cleanup()
     return method
 
