@@ -8,6 +8,7 @@ A step is everything the loop does per batch: multi-crop augmentation of uint8 i
 and student forward, loss, backward, clipping, AdamW, EMA. Numbers are printed, never asserted.
 """
 import argparse
+import dataclasses
 import importlib
 import json
 import resource
@@ -41,12 +42,29 @@ def matmul_peak(device, dtype=torch.bfloat16, n=8192, reps=20):
     return 2 * n ** 3 * reps / (time.perf_counter() - t)
 
 
+def coding_rate_ms(coding_rate, cfg, device, sync, reps=20):
+    """Median forward + backward time of the coding rate on one step's shapes: 2 global views of
+    B unit vectors of the head's width."""
+    B, d = cfg.batch_size_per_gpu, cfg.head_bottleneck_dim
+    Z = torch.nn.functional.normalize(torch.randn(2, B, d, device=device), dim=-1)
+    times = []
+    for _ in range(reps + 3):
+        Zi = Z.clone().requires_grad_()
+        sync()
+        t = time.perf_counter()
+        coding_rate(Zi, cfg.eps).mean().backward()
+        sync()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times[3:])
+
+
 def bench(module, overrides, device, steps=10, warmup=3):
     presets = getattr(module, "PRESETS")
     Config = next(v for k, v in vars(module).items() if k.endswith("Config") and isinstance(v, type))
     Method = next(v for k, v in vars(module).items() if isinstance(v, type) and issubclass(v, torch.nn.Module)
                   and k.upper() == module.__name__.upper())
-    cfg = Config(**{**presets["synthetic"], **overrides, "device": device.type})
+    names = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config(**{k: v for k, v in {**presets["synthetic"], **overrides, "device": device.type}.items() if k in names})
     method = Method(cfg, steps_per_epoch=1000).to(device)
     groups = method.param_groups()
     opt = torch.optim.AdamW(groups, lr=1e-4, fused=device.type == "cuda")
@@ -88,6 +106,9 @@ def bench(module, overrides, device, steps=10, warmup=3):
     l = vit_forward_flops(cfg.arch, cfg.patch_size, cfg.local_crops_size, B) * cfg.local_crops_number
     flops = 3 * (2 * g + l) + 2 * g
     res["model_TFLOP_per_step"] = round(flops / 1e12, 3)
+    if hasattr(module, "coding_rate"):   # SimDINO's expansion term: its share of the step
+        res["coding_rate_ms"] = round(coding_rate_ms(module.coding_rate, cfg, device, sync), 3)
+        res["coding_rate_share"] = round(res["coding_rate_ms"] / 1e3 / step, 4)
     if device.type == "cuda":
         peak_flops = matmul_peak(device)
         res["matmul_peak_TFLOPs"] = round(peak_flops / 1e12, 1)

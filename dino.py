@@ -46,6 +46,8 @@ class DINOConfig(train_lib.TrainConfig):
     out_dim: int = flag(65536, "K, number of prototypes; 65536 works well for complex data like ImageNet")
     norm_last_layer: bool = flag(True, "weight-normalise the prototypes with fixed norm 1 "
                                        "(official: false is better for ViT-S but can be unstable)")
+    use_bn_in_head: bool = flag(False, "BatchNorm in the head's MLP (official flag; per process, not "
+                                       "synchronised, under torchrun)")
     warmup_teacher_temp: float = flag(0.04, "initial τ_t, linearly warmed up to --teacher_temp")
     teacher_temp: float = flag(0.04, "final τ_t; above 0.07 is unstable")
     warmup_teacher_temp_epochs: int = flag(0, "epochs of the τ_t warm-up (paper: 30)")
@@ -94,12 +96,14 @@ class WeightNormLinear(nn.Module):
         return F.linear(x, self.weight_g * F.normalize(self.weight_v, dim=1))
 
 
-def head_mlp(in_dim, hidden_dim, out_dim):
-    """The DINO head's 3-layer MLP (Linear-GELU-Linear-GELU-Linear), official init:
-    trunc-normal weights (std 0.02), zero biases. SimDINO's head is this MLP alone."""
-    mlp = nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.GELU(),
-                        nn.Linear(hidden_dim, hidden_dim), nn.GELU(),
-                        nn.Linear(hidden_dim, out_dim))
+def head_mlp(in_dim, hidden_dim, out_dim, use_bn=False):
+    """The DINO head's 3-layer MLP (Linear-GELU-Linear-GELU-Linear, BatchNorm after the first two
+    Linear layers with `use_bn`), official init: trunc-normal weights (std 0.02), zero biases.
+    SimDINO's head is this MLP alone."""
+    layers = []
+    for a, b in ((in_dim, hidden_dim), (hidden_dim, hidden_dim)):   # layer indices as official
+        layers += [nn.Linear(a, b)] + ([nn.BatchNorm1d(b)] if use_bn else []) + [nn.GELU()]
+    mlp = nn.Sequential(*layers, nn.Linear(hidden_dim, out_dim))
     for m in mlp:
         if isinstance(m, nn.Linear):
             nn.init.trunc_normal_(m.weight, std=0.02)
@@ -110,9 +114,9 @@ def head_mlp(in_dim, hidden_dim, out_dim):
 class DINOHead(nn.Module):
     """3-layer MLP (GELU) to a bottleneck, L2-normalise, weight-normed prototypes: (B, D) -> (B, K)."""
 
-    def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True):
+    def __init__(self, in_dim, out_dim, hidden_dim=2048, bottleneck_dim=256, norm_last_layer=True, use_bn=False):
         super().__init__()
-        self.mlp = head_mlp(in_dim, hidden_dim, bottleneck_dim)
+        self.mlp = head_mlp(in_dim, hidden_dim, bottleneck_dim, use_bn)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, train_g=not norm_last_layer)
 
     def forward(self, x):
@@ -205,7 +209,7 @@ class DINO(nn.Module):
         super().__init__()
         self.cfg, self.steps_per_epoch = cfg, steps_per_epoch
         head = lambda: DINOHead(ARCHS[cfg.arch][0], cfg.out_dim, cfg.head_hidden_dim,
-                                cfg.head_bottleneck_dim, cfg.norm_last_layer)
+                                cfg.head_bottleneck_dim, cfg.norm_last_layer, cfg.use_bn_in_head)
         self.student, self.teacher = student_and_teacher(cfg, head)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))  # C
 

@@ -179,3 +179,12 @@ def test_presets_trace_to_official_values():
     imagenet = DINOConfig(**dino.PRESETS["imagenet"])
     assert (imagenet.epochs, imagenet.teacher_temp, imagenet.warmup_teacher_temp_epochs,
             imagenet.norm_last_layer) == (300, 0.07, 30, False)
+
+
+def test_head_layer_indices_match_official_with_and_without_bn():
+    """Official DINOHead's Sequential indices, so official checkpoints' keys line up."""
+    plain = [k for k in DINOHead(8, 16, 32, 4).state_dict() if k.startswith("mlp.")]
+    assert plain == ["mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias", "mlp.4.weight", "mlp.4.bias"]
+    bn = DINOHead(8, 16, 32, 4, use_bn=True)
+    assert isinstance(bn.mlp[1], torch.nn.BatchNorm1d) and isinstance(bn.mlp[4], torch.nn.BatchNorm1d)
+    assert [type(m).__name__ for m in bn.mlp] == ["Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"]
