@@ -108,7 +108,7 @@ def bench(module, overrides, device, steps=10, warmup=3):
     res["model_TFLOP_per_step"] = round(flops / 1e12, 3)
     if hasattr(module, "coding_rate"):   # SimDINO's expansion term: its share of the step
         res["coding_rate_ms"] = round(coding_rate_ms(module.coding_rate, cfg, device, sync), 3)
-        res["coding_rate_share"] = round(res["coding_rate_ms"] / 1e3 / step, 4)
+        res["coding_rate_percent_of_step"] = float(f"{100 * res['coding_rate_ms'] / 1e3 / step:.2g}")
     if device.type == "cuda":
         peak_flops = matmul_peak(device)
         res["matmul_peak_TFLOPs"] = round(peak_flops / 1e12, 1)
