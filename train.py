@@ -195,7 +195,8 @@ def check_config(cfg):
             raise ConfigError(msg)
     need(cfg.arch in ARCHS, f"unknown --arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
     need(cfg.data in data_lib.DATASETS, f"unknown --data {cfg.data!r}; choose one of {', '.join(data_lib.DATASETS)}")
-    for name in ("batch_size_per_gpu", "epochs", "patch_size", "global_crops_size", "local_crops_size", "out_dim"):
+    for name in ("batch_size_per_gpu", "epochs", "patch_size", "global_crops_size", "local_crops_size", "out_dim",
+                 "eps"):
         if hasattr(cfg, name):
             need(getattr(cfg, name) > 0, f"--{name} must be positive, got {getattr(cfg, name)}")
     for name in ("global_crops_size", "local_crops_size"):

@@ -105,3 +105,8 @@ def test_presets_trace_to_official_values():
     assert (imagenet.arch, imagenet.patch_size, imagenet.local_crops_number) == ("vit_base", 16, 10)
     assert (imagenet.eps, imagenet.coeff) == (0.05, 1.0)
     assert not hasattr(official, "out_dim") and not hasattr(official, "teacher_temp")
+
+
+def test_bad_eps_is_a_config_error():
+    with pytest.raises(train.ConfigError, match="--eps"):
+        train.check_config(tiny_cfg(eps=0.0, data="synthetic"))
