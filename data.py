@@ -17,6 +17,7 @@ import functools
 import gzip
 import math
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -123,6 +124,24 @@ class TensorImages:
         return len(self.images)
 
 
+def read_rgb(path):
+    """An image file as 8-bit RGB: grey, palette and alpha images converted (alpha dropped), 16-bit
+    and 32-bit integer or float images scaled from their full range to 0-255, not clipped."""
+    from PIL import Image
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            a = np.asarray(im, dtype=np.float64)
+            if im.mode == "F":
+                top = 1.0 if a.max() <= 1 else 255.0
+            else:
+                top = 65535.0 if a.max() <= 65535 else float(a.max())
+            im = Image.fromarray(np.clip(a / top * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+        elif im.mode == "P":
+            im = im.convert("RGBA")
+        return im.convert("RGB")
+
+
 class FolderImages(torch.utils.data.Dataset):
     """root/class/image files. __getitem__((index, seed)) returns the multi-crop geometry of one
     image (random-resized crops + flips, done in the worker on the full-resolution image, as the
@@ -131,17 +150,22 @@ class FolderImages(torch.utils.data.Dataset):
     def __init__(self, files, labels, classes, eval_size=224):
         self.files, self.labels, self.classes = files, torch.tensor(labels), classes
         self.crops, self.eval_size = None, eval_size
+        self.skip_bad = False  # --skip_bad_images: an unreadable image is replaced by the next one
 
     def __len__(self):
         return len(self.files)
 
     def load(self, index):
-        from PIL import Image
-        try:
-            with Image.open(self.files[index]) as im:
-                return im.convert("RGB")
-        except Exception as e:
-            raise DataError(f"cannot read image {self.files[index]}: {e}") from None
+        for offset in range(len(self.files) if self.skip_bad else 1):
+            path = self.files[(index + offset) % len(self.files)]
+            try:
+                return read_rgb(path)
+            except Exception as e:
+                if not self.skip_bad:
+                    raise DataError(f"cannot read image {path}: {e} (--skip_bad_images true skips such "
+                                    f"files)") from None
+                print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr, flush=True)
+        raise DataError("no readable image in the dataset")
 
     def __getitem__(self, item):
         from torchvision.transforms import functional as TF
@@ -235,6 +259,17 @@ def _image_folder(root, eval_size):
         labels = [c for c, fs in enumerate(per_class) for _ in fs]
         return FolderImages(files, labels, len(classes), eval_size)
     return build(train), build(val)
+
+
+def subset(dataset, indices):
+    """The images at `indices` of a dataset, as a dataset of the same kind."""
+    idx = list(indices)
+    if isinstance(dataset, TensorImages):
+        return TensorImages(dataset.images[idx], dataset.labels[idx], dataset.classes)
+    out = FolderImages([dataset.files[i] for i in idx], dataset.labels[idx].tolist(), dataset.classes,
+                       dataset.eval_size)
+    out.skip_bad = dataset.skip_bad
+    return out
 
 
 @functools.lru_cache(maxsize=2)

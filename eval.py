@@ -60,6 +60,31 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=20,
     return 100.0 * top1 / len(test_features), 100.0 * top5 / len(test_features)
 
 
+@torch.no_grad()
+def feature_stats(features):
+    """Collapse signs of features (N, D): `feat_std`, the per-dimension std of the L2-normalised
+    features averaged over dimensions and times √D (SimSiam's measure, scaled: about 1 when the
+    features spread over the sphere, 0 when every image maps to one point); `feat_rank`, the
+    effective rank exp(entropy of the normalised singular values) of the centred features
+    (Roy & Vetterli 2007): from 1 (one direction) to D."""
+    z = F.normalize(features.double(), dim=1)
+    std = z.std(dim=0).mean().item() * z.shape[1] ** 0.5
+    s = torch.linalg.svdvals(z - z.mean(0))
+    p = s / s.sum().clamp_min(1e-12)
+    rank = torch.exp(-(p * p.clamp_min(1e-12).log()).sum()).item()
+    return {"feat_std": std, "feat_rank": rank}
+
+
+def collapse_check(backbone, dataset, size, device, n=1024):
+    """feature_stats of a backbone's CLS on the first n images of a dataset (train mode kept)."""
+    was_training = backbone.training
+    backbone.eval()
+    subset = data_lib.subset(dataset, range(min(n, len(dataset))))
+    feats, _ = extract_features(backbone, subset, size, device)
+    backbone.train(was_training)
+    return feature_stats(feats)
+
+
 def _labelled(ds):
     """The labelled part of a dataset (STL-10's unlabelled images carry label -1)."""
     if isinstance(ds, data_lib.TensorImages) and (ds.labels < 0).any():

@@ -32,6 +32,14 @@ from kernels import distributed as dist
 from vit import ARCHS
 
 
+# Collapse alarms on the teacher's CLS features (eval.feature_stats), checked every epoch. Measured
+# on the synthetic held-out images with ViT-pico/8: random init std 0.14-0.15, effective rank 38-40;
+# trained (10 epochs) DINO 0.61 / 11, SimDINO 0.95 / 51; DINO without centring (--center_momentum 1)
+# falls to std 0.05 after 60 steps and 0.03 after 150 (its rank stays ~40: full collapse shrinks
+# the spread, dimensional collapse lowers the rank).
+COLLAPSE_STD, COLLAPSE_RANK = 0.05, 2.0
+
+
 class ConfigError(Exception):
     """A bad flag: reported to the user as one line, before any work."""
 
@@ -85,6 +93,12 @@ class TrainConfig:
     device: str = flag("auto", "auto | cpu | cuda | mps")
     max_steps: int = flag(0, "stop after this many steps in total (0: run all epochs)")
     eval_every: int = flag(1, "epochs between k-NN evaluations (0: never)")
+    checkpoint_minutes: float = flag(15.0, "also write checkpoint.pth within an epoch when this many minutes "
+                                           "have passed since the last write (0: at epoch ends only)")
+    overwrite: bool = flag(False, "start afresh in an --output_dir holding a run with another config "
+                                  "(its checkpoint and log are replaced)")
+    skip_bad_images: bool = flag(False, "replace an unreadable image by the next readable one, with a "
+                                        "warning, instead of stopping (image folders)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,6 +207,10 @@ def check_config(cfg):
     def need(ok, msg):
         if not ok:
             raise ConfigError(msg)
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        for x in (v if isinstance(v, tuple) else (v,)):
+            need(not isinstance(x, float) or math.isfinite(x), f"--{f.name} must be a finite number, got {v}")
     need(cfg.arch in ARCHS, f"unknown --arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
     need(cfg.data in data_lib.DATASETS, f"unknown --data {cfg.data!r}; choose one of {', '.join(data_lib.DATASETS)}")
     for name in ("batch_size_per_gpu", "epochs", "patch_size", "global_crops_size", "local_crops_size", "out_dim",
@@ -207,9 +225,12 @@ def check_config(cfg):
         lo, hi = getattr(cfg, name)
         need(0 < lo <= hi <= 1, f"--{name} must satisfy 0 < min <= max <= 1, got {lo} {hi}")
     for name in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "warmup_epochs",
-                 "eval_every", "saveckp_freq", "num_workers", "max_steps", "freeze_last_layer"):
+                 "eval_every", "saveckp_freq", "num_workers", "max_steps", "freeze_last_layer",
+                 "checkpoint_minutes"):
         if hasattr(cfg, name):
             need(getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if hasattr(cfg, "center_momentum"):
+        need(0 <= cfg.center_momentum <= 1, f"--center_momentum must be in [0, 1], got {cfg.center_momentum}")
     need(0 <= cfg.momentum_teacher <= 1, f"--momentum_teacher must be in [0, 1], got {cfg.momentum_teacher}")
     need(0 <= cfg.drop_path_rate < 1, f"--drop_path_rate must be in [0, 1), got {cfg.drop_path_rate}")
     need(cfg.precision in ("fp32", "bf16", "fp16"), f"--precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
@@ -235,16 +256,37 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path):
+    """A checkpoint of ours: tensors, numbers, strings, lists and dicts only (weights_only: loading
+    never runs code from the file). A truncated or foreign file is an error, never a fresh start."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ConfigError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); "
-                          f"move it away to start afresh") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"checkpoint {path} is unreadable or not a nanodino checkpoint "
+                          f"({type(e).__name__}: {first[:200]}); move it away to start afresh") from None
+    if not isinstance(state, dict) or not {"method", "optimizer", "step", "config"} <= set(state):
+        raise ConfigError(f"{path} is not a nanodino training checkpoint; move it away to start afresh")
+    return state
+
+
+def _truncate_log(path, step):
+    """Keep the log lines of steps <= step (those a resumed run will not write again)."""
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+        except (ValueError, KeyError, TypeError):  # a line cut by the kill
+            pass
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
 
 
 def _comparable(cfg_dict):
     """Config fields whose change makes a run a different run (not the run-control ones)."""
-    skip = {"output_dir", "max_steps", "eval_every", "saveckp_freq", "num_workers", "device", "data_path"}
+    skip = {"output_dir", "max_steps", "eval_every", "saveckp_freq", "num_workers", "device", "data_path",
+            "checkpoint_minutes", "overwrite", "skip_bad_images"}
     return {k: v for k, v in cfg_dict.items() if k not in skip}
 
 
@@ -263,14 +305,17 @@ def train(cfg, Method):
     resume = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
     if resume is not None and _comparable(resume["config"]) != _comparable(cfg_dict):
         diff = sorted(k for k in _comparable(cfg_dict) if resume["config"].get(k) != cfg_dict.get(k))
-        raise ConfigError(f"{out} holds a run with a different config ({', '.join(diff)}); "
-                          f"use another --output_dir or delete {ckpt_path}")
+        if not cfg.overwrite:
+            raise ConfigError(f"{out} holds a run with a different config ({', '.join(diff)}); use another "
+                              f"--output_dir, or --overwrite true to replace it")
+        resume = None  # replaced below, once the data and the model are built
 
     train_set, eval_set = data_lib.load_dataset(cfg.data, cfg.data_path, eval_size=cfg.global_crops_size)
     augment = data_lib.MultiCrop(cfg.global_crops_size, cfg.local_crops_size, cfg.global_crops_scale,
                                  cfg.local_crops_scale, cfg.local_crops_number)
     if isinstance(train_set, data_lib.FolderImages):
         train_set.crops = augment.crop_plan()
+        train_set.skip_bad = eval_set.skip_bad = cfg.skip_bad_images
     loader = data_lib.Loader(train_set, cfg.batch_size_per_gpu, cfg.seed, dist.rank(), dist.world_size(),
                              cfg.num_workers, pin_memory=device.type == "cuda")
     if len(loader) == 0:
@@ -283,16 +328,21 @@ def train(cfg, Method):
     optimizer = torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     params = [p for g in groups for p in g["params"]]
-    start_step = 0
+    start_step, sums, count = 0, {}, 0
     if resume is not None:
         method.load_state_dict(resume["method"])
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
-        start_step = resume["step"]
+        start_step, sums, count = resume["step"], resume.get("epoch_sums", {}), resume.get("epoch_count", 0)
     method.student = dist.wrap_ddp(method.student, device)
 
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
+        if resume is None:  # a fresh run (or --overwrite): no log lines of an older run
+            for name in ("log.jsonl", "checkpoint.pth"):
+                (out / name).unlink(missing_ok=True)
+        elif (out / "log.jsonl").exists():  # drop what a killed run logged after its last checkpoint
+            _truncate_log(out / "log.jsonl", start_step)
         (out / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
         n_params = sum(p.numel() for p in dist.unwrap(method.student).parameters())
         dist.print0(f"{type(method).__name__}: {cfg.arch}/{cfg.patch_size}, {n_params / 1e6:.2f}M student "
@@ -305,29 +355,53 @@ def train(cfg, Method):
 
     total_steps = cfg.epochs * steps_per_epoch
     last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
-    step, t0, seen = start_step, time.time(), 0
+    names = {id(p): n for n, p in dist.unwrap(method.student).named_parameters()}
+    step, t0, seen, last_save = start_step, time.time(), 0, time.time()
+
+    def save(epoch):
+        if dist.is_main():
+            state = {"method": {k.replace("student.module.", "student."): v for k, v in method.state_dict().items()},
+                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                     "epoch": epoch, "config": cfg_dict, "epoch_sums": sums, "epoch_count": count}
+            save_checkpoint(ckpt_path, state)
+            if cfg.saveckp_freq and step % steps_per_epoch == 0 and (epoch + 1) % cfg.saveckp_freq == 0:
+                save_checkpoint(out / f"checkpoint{epoch:04d}.pth", state)
+
     while step < last_step:
         epoch, first = divmod(step, steps_per_epoch)
         method.train()
-        sums, count = {}, 0
         for images, _ in loader.epoch(epoch, first):
             sched = schedules(cfg, step, steps_per_epoch)
             for g in optimizer.param_groups:
                 g["lr"] = sched["lr"] * g["lr_mult"]
                 g["weight_decay"] = sched["wd"] * g["wd_mult"]
-            gen = torch.Generator().manual_seed((cfg.seed * 1000003 + step) * 1009 + dist.rank())
+            # every random draw of the step (crops, stochastic depth) is a function of (seed, step,
+            # rank): a run resumed at any step repeats the uninterrupted one exactly
+            step_seed = (cfg.seed * 1000003 + step) * 1009 + dist.rank()
+            torch.manual_seed(step_seed)
+            gen = torch.Generator().manual_seed(step_seed)
             crops = augment(images.to(device, non_blocking=True) if torch.is_tensor(images)
                             else [c.to(device, non_blocking=True) for c in images], gen)
-            with autocast(device, cfg.precision):
-                loss, logs = method(crops, step)
+            try:
+                with autocast(device, cfg.precision):
+                    loss, logs = method(crops, step)
+            except ValueError as e:  # the coding rate refuses NaN / inf features
+                raise FloatingPointError(f"step {step}: {e}; stopping, the last good checkpoint is kept "
+                                         f"in {ckpt_path}") from None
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step} ({logs}); stopping, "
-                                         f"the last good checkpoint is kept in {ckpt_path}")
+                bad = [k for k, v in logs.items() if not math.isfinite(v)] or ["loss"]
+                raise FloatingPointError(f"step {step}: non-finite loss ({', '.join(f'{k} = {logs.get(k, loss.item())}' for k in bad)}); "
+                                         f"stopping, the last good checkpoint is kept in {ckpt_path}")
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if cfg.clip_grad:
-                scaler.unscale_(optimizer)
-                clip_gradients(params, cfg.clip_grad)
+            scaler.unscale_(optimizer)
+            grads = [p for p in params if p.grad is not None]
+            norms = clip_gradients(grads, cfg.clip_grad) if cfg.clip_grad else torch._foreach_norm([p.grad for p in grads])
+            if not scaler.is_enabled() and not torch.isfinite(torch.stack(norms)).all():
+                # (fp16: the scaler skips overflowing steps and lowers its scale; not an error)
+                bad = next(names.get(id(p), "?") for p, n in zip(grads, norms) if not torch.isfinite(n))
+                raise FloatingPointError(f"step {step}: non-finite gradient in {bad} (loss {loss.item():.4f}); "
+                                         f"stopping, the last good checkpoint is kept in {ckpt_path}")
             if epoch < cfg.freeze_last_layer:  # official: the prototypes stay fixed in epoch 0
                 for g in groups:
                     if g["is_last_layer"]:
@@ -349,26 +423,34 @@ def train(cfg, Method):
                             f" lr {sched['lr']:.2e} | {rate:.0f} img/s, eta {eta / 60:.1f} min")
             if step == last_step or step % steps_per_epoch == 0:
                 break
+            if cfg.checkpoint_minutes and time.time() - last_save > 60 * cfg.checkpoint_minutes:
+                save(epoch)  # within the epoch (long epochs): resumes at this step
+                last_save = time.time()
 
-        # end of an epoch (or of --max_steps): log, evaluate, checkpoint
+        # end of an epoch (or of --max_steps): log, evaluate, watch for collapse, checkpoint
+        done_epoch = step % steps_per_epoch == 0
         record = {"epoch": epoch, "step": step, "train_loss": sums.get("loss", 0) / max(count, 1),
                   **{k: v / max(count, 1) for k, v in sums.items() if k != "loss"},
                   "lr": sched["lr"], "wd": sched["wd"], "momentum": sched["momentum"]}
-        done_epoch = step % steps_per_epoch == 0
         if cfg.eval_every and ((done_epoch and (epoch + 1) % cfg.eval_every == 0) or step == last_step):
             top1, top5 = eval_lib.knn_eval(method.teacher.backbone, train_set, eval_set, cfg.global_crops_size,
                                            device, batch_size=256, num_workers=cfg.num_workers)
             record.update(knn_top1=top1, knn_top5=top5)
             dist.print0(f"epoch {epoch}: k-NN top-1 {top1:.2f} top-5 {top5:.2f}")
+        stats = eval_lib.collapse_check(method.teacher.backbone, eval_set, cfg.global_crops_size, device)
+        record.update(stats)
+        if stats["feat_std"] < COLLAPSE_STD or stats["feat_rank"] < COLLAPSE_RANK:
+            dist.print0(f"warning: epoch {epoch}: the teacher's features look collapsed (std {stats['feat_std']:.3f}, "
+                        f"effective rank {stats['feat_rank']:.1f}; alarms below {COLLAPSE_STD} / {COLLAPSE_RANK}): "
+                        f"k-NN will be poor; see README, 'Collapse'")
         record["time"] = time.time() - t0
+        if done_epoch:
+            sums, count = {}, 0
         if dist.is_main():
             with open(out / "log.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
-            state = {"method": {k.replace("student.module.", "student."): v for k, v in method.state_dict().items()}, "optimizer": optimizer.state_dict(),
-                     "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "config": cfg_dict}
-            save_checkpoint(ckpt_path, state)
-            if cfg.saveckp_freq and done_epoch and (epoch + 1) % cfg.saveckp_freq == 0:
-                save_checkpoint(out / f"checkpoint{epoch:04d}.pth", state)
+        save(epoch)
+        last_save = time.time()
     dist.print0(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min; outputs in {out}")
     method.student = dist.unwrap(method.student)  # DDP gone before the process group (Gloo aborts otherwise)
     dist.cleanup()
