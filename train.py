@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from pathlib import Path
@@ -260,6 +261,9 @@ def load_checkpoint(path):
     never runs code from the file). A truncated or foreign file is an error, never a fresh start."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ConfigError(f"checkpoint {path} holds pickled objects other than tensors, numbers, strings, "
+                          f"lists and dicts; refused, since loading it could run code") from None
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise ConfigError(f"checkpoint {path} is unreadable or not a nanodino checkpoint "
@@ -295,7 +299,10 @@ def _comparable(cfg_dict):
 
 def train(cfg, Method):
     check_config(cfg)
-    device = dist.setup(cfg.device)
+    try:
+        device = dist.setup(cfg.device)
+    except RuntimeError as e:  # e.g. --device cuda without a GPU
+        raise ConfigError(str(e)) from None
     dist.seed_everything(cfg.seed)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and dist.world_size() > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size()))

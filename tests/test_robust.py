@@ -217,3 +217,20 @@ def test_overwrite_flag_replaces_a_run_with_another_config(tmp_path):
     assert r.returncode == 0 and "resuming" not in r.stdout, r.stderr[-2000:]
     assert [json.loads(l)["step"] for l in open(os.path.join(out, "log.jsonl"))] == [2]
     assert json.load(open(os.path.join(out, "config.json")))["lr"] == 0.001
+
+
+class RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_checkpoint_with_pickled_code_is_refused_and_nothing_runs(tmp_path):
+    import train
+    marker, path = tmp_path / "ran", tmp_path / "checkpoint.pth"
+    torch.save({"method": RunsCode(marker)}, path)
+    with pytest.raises(train.ConfigError, match="could run code"):
+        train.load_checkpoint(path)
+    assert not marker.exists()
