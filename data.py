@@ -439,6 +439,57 @@ class MultiCrop:
         return crops
 
 
+# ----------------------------------------------------------------------------------------------
+# iBOT / DINOv2 block masking (official dinov2/data/masking.py and collate.py).
+
+def block_mask(h, w, n_mask, g, min_patches=4, max_patches=None, min_aspect=0.3):
+    """One (h, w) bool mask with about n_mask patches, made of rectangles (blocks) of at least
+    `min_patches` patches, aspect ratio in [min_aspect, 1/min_aspect] (log-uniform), each at most
+    `max_patches` and at most what is left to mask; a block that adds nothing is retried 10 times,
+    and masking stops when none fits (the official MaskingGenerator)."""
+    mask = torch.zeros(h, w, dtype=torch.bool)
+    max_patches = n_mask if max_patches is None else max_patches
+    log_aspect = (math.log(min_aspect), -math.log(min_aspect))
+    uniform = lambda lo, hi: lo + (hi - lo) * torch.rand((), generator=g).item()
+    count = 0
+    while count < n_mask:
+        room = min(n_mask - count, max_patches)
+        added = 0
+        for _ in range(10):
+            area, aspect = uniform(min_patches, room), math.exp(uniform(*log_aspect))
+            bh, bw = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if bw < w and bh < h:
+                top = int(torch.randint(0, h - bh + 1, (), generator=g))
+                left = int(torch.randint(0, w - bw + 1, (), generator=g))
+                new = bh * bw - int(mask[top:top + bh, left:left + bw].sum())
+                if 0 < new <= room:
+                    mask[top:top + bh, left:left + bw] = True
+                    added = new
+            if added:
+                break
+        if added == 0:
+            break
+        count += added
+    return mask
+
+
+def sample_masks(n, h, w, ratio_min_max=(0.1, 0.5), probability=0.5, g=None):
+    """Masks for n global crops (n, h·w) bool, as DINOv2's collate: int(n·probability) of them
+    masked, their ratios spread over ratio_min_max (the i-th drawn in the i-th of equal slices),
+    at most half the patches per block; the rest unmasked; the order shuffled."""
+    N, n_masked = h * w, int(n * probability)
+    edges = torch.linspace(ratio_min_max[0], ratio_min_max[1], n_masked + 1).tolist()
+    masks = []
+    for i in range(n):
+        if i < n_masked:
+            ratio = edges[i] + (edges[i + 1] - edges[i]) * torch.rand((), generator=g).item()
+            masks.append(block_mask(h, w, int(N * ratio), g, max_patches=int(0.5 * N)))
+        else:
+            masks.append(torch.zeros(h, w, dtype=torch.bool))
+    order = torch.randperm(n, generator=g)
+    return torch.stack(masks).flatten(1)[order]
+
+
 def eval_view(images, size):
     """uint8 images (B, 3, H, W) -> normalised float (B, 3, size, size) for evaluation
     (in-memory datasets are resized whole; folders were resized and centre-cropped by workers)."""

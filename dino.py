@@ -150,15 +150,22 @@ def dino_loss(student_out, teacher_out, center, student_temp, teacher_temp):
     view) except a view with itself, averaged over the 2V−2 pairs.
 
     student_out: (V·B, K) logits of all V crops; teacher_out: (2·B, K) of the 2 global crops."""
-    V = student_out.shape[0] // (teacher_out.shape[0] // 2)
-    log_ps = (student_out.float() / student_temp).log_softmax(dim=-1).chunk(V)        # log P_s
-    pt = ((teacher_out.float() - center) / teacher_temp).softmax(dim=-1).detach().chunk(2)  # P_t
+    pt = ((teacher_out.float() - center) / teacher_temp).softmax(dim=-1)  # P_t, centred and sharpened
+    return cross_entropy_pairs(student_out, pt, student_temp)
+
+
+def cross_entropy_pairs(student_out, teacher_probs, student_temp):
+    """Mean over the pairs (teacher global view t, student view s ≠ t) of the batch mean of
+    H(P_t, P_s) = −Σ_k P_t log P_s, with P_s = softmax(student_out / τ_s). teacher_probs: (2·B, K)."""
+    V = student_out.shape[0] // (teacher_probs.shape[0] // 2)
+    log_ps = (student_out.float() / student_temp).log_softmax(dim=-1).chunk(V)   # log P_s
+    pt = teacher_probs.detach().chunk(2)
     total, pairs = 0.0, 0
     for t, p in enumerate(pt):
         for s, log_p in enumerate(log_ps):
             if s == t:  # the same view: skipped
                 continue
-            total = total + (-p * log_p).sum(dim=-1).mean()   # H(P_t, P_s) = −Σ_k P_t log P_s
+            total = total + (-p * log_p).sum(dim=-1).mean()
             pairs += 1
     return total / pairs
 

@@ -68,7 +68,8 @@ class TrainConfig:
     # optimisation
     epochs: int = flag(100, "training epochs")
     batch_size_per_gpu: int = flag(64, "images per GPU (per process) and step")
-    lr: float = flag(0.0005, "peak lr for a global batch of 256, scaled linearly: lr·B/256")
+    lr: float = flag(0.0005, "peak lr before scaling with the global batch B (--lr_scaling)")
+    lr_scaling: str = flag("linear", "linear: lr·B/256 (DINO) | sqrt: lr·√(B/1024) (DINOv2)", ("linear", "sqrt"))
     min_lr: float = flag(1e-6, "final lr of the cosine schedule")
     warmup_epochs: int = flag(10, "epochs of linear lr warm-up")
     weight_decay: float = flag(0.04, "initial weight decay (cosine schedule)")
@@ -123,11 +124,12 @@ def linear_warmup_epochs(epoch, start, end, warmup_epochs):
 
 
 def schedules(cfg, step, steps_per_epoch):
-    """lr, weight decay and teacher momentum at a global step. lr follows the linear scaling
-    rule lr = base·B/256 with B the global batch (official main_dino.py)."""
+    """lr, weight decay and teacher momentum at a global step. The peak lr scales with the global
+    batch B: linearly, lr·B/256 (official main_dino.py), or lr·√(B/1024) (DINOv2's sqrt_wrt_1024)."""
     total = cfg.epochs * steps_per_epoch
     batch = cfg.batch_size_per_gpu * dist.world_size()
-    return {"lr": cosine_schedule(step, cfg.lr * batch / 256, cfg.min_lr, total, cfg.warmup_epochs * steps_per_epoch),
+    peak = cfg.lr * batch / 256 if cfg.lr_scaling == "linear" else cfg.lr * math.sqrt(batch / 1024)
+    return {"lr": cosine_schedule(step, peak, cfg.min_lr, total, cfg.warmup_epochs * steps_per_epoch),
             "wd": cosine_schedule(step, cfg.weight_decay, cfg.weight_decay_end, total),
             "momentum": cosine_schedule(step, cfg.momentum_teacher, 1.0, total)}
 
@@ -230,6 +232,16 @@ def check_config(cfg):
                  "checkpoint_minutes"):
         if hasattr(cfg, name):
             need(getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if hasattr(cfg, "mask_ratio_min_max"):  # DINOv2 / SimDINOv2
+        lo, hi = cfg.mask_ratio_min_max
+        need(0 <= lo <= hi <= 1, f"--mask_ratio_min_max must satisfy 0 <= min <= max <= 1, got {lo} {hi}")
+        need(0 <= cfg.mask_sample_probability <= 1,
+             f"--mask_sample_probability must be in [0, 1], got {cfg.mask_sample_probability}")
+        need(0 < cfg.layerwise_decay <= 1, f"--layerwise_decay must be in (0, 1], got {cfg.layerwise_decay}")
+        for name in ("patch_embed_lr_mult", "koleo_loss_weight", "ibot_loss_weight", "num_register_tokens", "layerscale"):
+            need(getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}")
+        need(cfg.koleo_loss_weight == 0 or cfg.batch_size_per_gpu >= 2,
+             "KoLeo needs at least 2 images per process (--batch_size_per_gpu >= 2, or --koleo_loss_weight 0)")
     if hasattr(cfg, "center_momentum"):
         need(0 <= cfg.center_momentum <= 1, f"--center_momentum must be in [0, 1], got {cfg.center_momentum}")
     need(0 <= cfg.momentum_teacher <= 1, f"--momentum_teacher must be in [0, 1], got {cfg.momentum_teacher}")

@@ -31,6 +31,7 @@ ARCHS = {
     "vit_small": (384, 12, 6),
     "vit_base": (768, 12, 12),
     "vit_large": (1024, 24, 16),
+    "vit_giant2": (1536, 40, 24),  # DINOv2's ViT-g/14: use with --ffn_layer swiglufused (its default there)
 }
 
 
@@ -77,6 +78,20 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+class SwiGLU(nn.Module):
+    """DINOv2's SwiGLU FFN (Shazeer 2020): w3(SiLU(x·W1) ⊙ x·W2), W1 and W2 as one Linear `w12`;
+    hidden width 2/3 of the MLP's, rounded up to a multiple of 8 (official SwiGLUFFNFused)."""
+
+    def __init__(self, dim, hidden):
+        super().__init__()
+        hidden = (int(hidden * 2 / 3) + 7) // 8 * 8
+        self.w12, self.w3 = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        x1, x2 = self.w12(x).chunk(2, dim=-1)
+        return self.w3(F.silu(x1) * x2)
+
+
 class LayerScale(nn.Module):
     """DINOv2 / CaiT: a learned per-channel gain on each residual branch, initialised small."""
 
@@ -110,7 +125,8 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=384, depth=12,
                  num_heads=6, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0,
-                 num_register_tokens=0, layerscale=None, use_mask_token=False, attn_backend="sdpa"):
+                 num_register_tokens=0, layerscale=None, use_mask_token=False, attn_backend="sdpa",
+                 ffn_layer="mlp", drop_path_uniform=False):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by the patch size {patch_size}")
@@ -123,9 +139,15 @@ class VisionTransformer(nn.Module):
         self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
         # replaces masked patches (iBOT); only created when used, so DDP sees no unused parameter
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim)) if use_mask_token else None
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # DINO: linearly increasing drop path
+        if drop_path_uniform:  # DINOv2: the same rate in every block
+            dpr = [drop_path_rate] * depth
+        else:                  # DINO: linearly increasing with depth
+            dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        if ffn_layer not in ("mlp", "swiglufused"):
+            raise ValueError(f"unknown ffn_layer {ffn_layer!r}; choose mlp or swiglufused")
+        ffn = lambda: SwiGLU(embed_dim, int(embed_dim * mlp_ratio)) if ffn_layer == "swiglufused" else None
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], layerscale, attn_backend)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], layerscale, attn_backend, ffn())
             for i in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.init_weights()

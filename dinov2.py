@@ -1,0 +1,257 @@
+"""DINOv2: DINO + iBOT's masked-patch loss + KoLeo, as DINO's delta.
+
+"DINOv2: Learning Robust Visual Features without Supervision", Oquab et al. 2023, arXiv 2304.07193;
+official code facebookresearch/dinov2 (train/ssl_meta_arch.py, loss/, layers/, data/masking.py,
+data/collate.py, configs/ssl_default_config.yaml).
+
+What DINOv2 keeps from DINO (imported from dino.py): the student / EMA-teacher pair, the DINO head,
+the cross-entropy over crop pairs on the CLS token, centring. What it adds (written out here):
+  - iBOT: about half of the student's global crops have blocks of patches replaced by a mask
+    token; the teacher sees the unmasked crops; at each masked position the student's patch token
+    must predict the teacher's (same head as the CLS by default, `--ibot_separate_head`);
+  - KoLeo on the student's backbone CLS of each global crop: spreads the features in the batch;
+  - optional Sinkhorn–Knopp centring of the teacher instead of the EMA centre;
+  - LayerScale, uniform stochastic depth, registers, SwiGLU (vit.py); layer-wise lr decay and a
+    smaller lr on the patch embedding; lr = base·√(B/1024).
+The step reads: masks → teacher forward (CLS + masked patches) → centre / Sinkhorn–Knopp →
+one student forward → DINO + KoLeo + iBOT losses.
+
+Symbols (one notation across the four method files):
+    x₁, x₂, x'        global crops, local crops                  crops[:2], crops[2:]
+    M                 block masks of the global crops (2B, N)    masks
+    u                 the learned mask token                     backbone.mask_token
+    P_t, P_s          teacher / student softmax outputs          teacher_probs, log_softmax
+    τ_s, τ_t          student / teacher temperature              cfg.student_temp, teacher_temp(step)
+    C, C_p            centres of the CLS and patch outputs       self.center, self.center_patch
+    w_i               1 / (number of masked patches of image i)  weights in ibot_loss
+    λ_KoLeo, λ_iBOT   loss weights                               cfg.koleo_loss_weight, cfg.ibot_loss_weight
+    ρ                 layer-wise lr decay                        cfg.layerwise_decay
+
+Commands:
+    python dinov2.py                                     # default CPU run on synthetic data (~10 min)
+    torchrun --nproc_per_node=8 dinov2.py --preset imagenet --data_path /path/to/imagenet
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data as data_lib
+import dino
+import train as train_lib
+from train import flag
+from kernels import distributed as dist
+from vit import ARCHS, build_vit
+
+
+@dataclass
+class DINOv2Config(dino.DINOConfig):
+    """DINOConfig with the defaults of DINOv2's ssl_default_config.yaml, and DINOv2's additions."""
+    arch: str = flag("vit_large", "backbone (DINOv2 default config: ViT-L/16)")
+    drop_path_rate: float = flag(0.3, "stochastic depth rate of the student")
+    momentum_teacher: float = flag(0.992, "λ, base teacher EMA momentum, cosine to 1")
+    lr: float = flag(0.004, "peak lr for a global batch of 1024, scaled as lr·√(B/1024)")
+    lr_scaling: str = flag("sqrt", "linear: lr·B/256 (DINO) | sqrt: lr·√(B/1024) (DINOv2)", ("linear", "sqrt"))
+    norm_last_layer: bool = flag(False, "DINOv2's head learns the prototypes' norms (weight_g)")
+    teacher_temp: float = flag(0.07, "final τ_t (reached per step, linearly, after the warm-up)")
+    warmup_teacher_temp_epochs: int = flag(30, "epochs of the τ_t warm-up 0.04 → 0.07")
+    global_crops_scale: tuple = flag((0.32, 1.0), "area range of global crops")
+    local_crops_scale: tuple = flag((0.05, 0.32), "area range of local crops")
+    output_dir: str = flag("runs/dinov2", "checkpoint.pth, config.json, log.jsonl go here; resumed if present")
+    # what DINOv2 adds
+    layerscale: float = flag(1e-5, "LayerScale initial value (0: no LayerScale)")
+    drop_path_uniform: bool = flag(True, "the same stochastic depth rate in every block")
+    num_register_tokens: int = flag(0, "register tokens (Darcet et al. 2023; the _reg models use 4)")
+    ffn_layer: str = flag("mlp", "mlp | swiglufused (SwiGLU, ViT-g)", ("mlp", "swiglufused"))
+    centering: str = flag("centering", "teacher centring: centering (EMA centre, as DINO) | sinkhorn_knopp",
+                          ("centering", "sinkhorn_knopp"))
+    koleo_loss_weight: float = flag(0.1, "λ_KoLeo")
+    ibot_loss_weight: float = flag(1.0, "λ_iBOT")
+    mask_sample_probability: float = flag(0.5, "fraction of the global crops that are masked")
+    mask_ratio_min_max: tuple = flag((0.1, 0.5), "range of the masked fraction of a masked crop's patches")
+    ibot_separate_head: bool = flag(False, "a separate head for the masked patches (default: the DINO head)")
+    layerwise_decay: float = flag(0.9, "ρ: block i of L gets lr·ρ^(L+1−i); patch embedding, tokens ρ^(L+1)")
+    patch_embed_lr_mult: float = flag(0.2, "extra lr factor of the patch embedding")
+
+
+PRESETS = {
+    "official": {},
+    # The CPU run on the synthetic data, on DINO's synthetic recipe (see dino.py); the τ_t warm-up
+    # is scaled with the run (30 of 100 epochs official: 3 of 10).
+    "synthetic": dict(dino.PRESETS["synthetic"], output_dir="runs/dinov2", warmup_teacher_temp_epochs=3,
+                      lr=0.004),
+    # ssl_default_config.yaml: ViT-L/16, ImageNet-1k, batch 64 per GPU, 100 epochs, in bf16.
+    "imagenet": dict(data="imagefolder", precision="bf16", output_dir="runs/dinov2_imagenet"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# The losses DINOv2 adds
+
+def koleo_loss(x, eps=1e-8):
+    """KoLeo (Sablayrolles et al. 2019): −mean_i log ‖x_i − x_nn(i)‖ on L2-normalised x (B, D),
+    nn(i) the nearest other point; in fp32 (official KoLeoLoss, PairwiseDistance's eps included)."""
+    x = F.normalize(x.float(), dim=-1, eps=eps)
+    dots = x @ x.T
+    dots.fill_diagonal_(-1)                       # never one's own neighbour
+    nn_index = dots.argmax(dim=1)
+    distance = (x - x[nn_index] + eps).norm(dim=-1)
+    return -torch.log(distance + eps).mean()
+
+
+def ibot_loss(student_patch_out, teacher_patch_probs, weights, n_images, student_temp):
+    """iBOT on the masked patches: −Σ_i w_i Σ_k P_t log P_s, over all masked patches of all global
+    crops, divided by the number of global crops n_images (official iBOTPatchLoss.forward_masked)."""
+    log_ps = (student_patch_out.float() / student_temp).log_softmax(dim=-1)
+    return -(weights * (teacher_patch_probs * log_ps).sum(dim=-1)).sum() / n_images
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits, teacher_temp, n_iterations=3):
+    """Teacher targets by Sinkhorn–Knopp (SwAV; DINOv2): Q = exp(logits/τ_t) normalised so that
+    each of the K prototypes gets 1/K of the mass of the global batch and each sample sums to 1.
+    logits (n, K) on this rank; sums are all-reduced, so the marginals hold over all ranks. fp32."""
+    Q = torch.exp(logits.float() / teacher_temp).T                  # (K, n)
+    K = Q.shape[0]
+    B = dist.all_reduce_sum(torch.tensor(float(Q.shape[1]), device=Q.device))  # samples, all ranks
+    Q /= dist.all_reduce_sum(Q.sum())
+    for _ in range(n_iterations):
+        Q /= dist.all_reduce_sum(Q.sum(dim=1, keepdim=True))        # rows: mass 1/K per prototype
+        Q /= K
+        Q /= Q.sum(dim=0, keepdim=True)                              # columns: 1/B per sample
+        Q /= B
+    return (Q * B).T                                                 # (n, K), rows sum to 1
+
+
+@torch.no_grad()
+def mean_over_ranks(x):
+    """The mean of x (n, K) over rows on this rank, then averaged over ranks (official iBOT centre)."""
+    return dist.all_reduce_sum(x.float().mean(dim=0, keepdim=True)) / dist.world_size()
+
+
+# ----------------------------------------------------------------------------------------------
+# The networks
+
+class DINOv2Net(nn.Module):
+    """Backbone + DINO head (+ iBOT head): the student's whole forward in one call, as DDP needs."""
+
+    def __init__(self, backbone, head, ibot_head=None):
+        super().__init__()
+        self.backbone, self.head, self.ibot_head = backbone, head, ibot_head
+
+    def heads(self, cls, patches):
+        """(cls (n, D), patches (M, D)) -> logits: one head call when the head is shared."""
+        if self.ibot_head is not None:
+            return self.head(cls), self.ibot_head(patches)
+        out = self.head(torch.cat([cls, patches]))
+        return out[:len(cls)], out[len(cls):]
+
+    def forward(self, global_crops, local_crops, masks):
+        """Student: global crops with the masked patches replaced by the mask token, local crops.
+        -> CLS logits of all crops (globals first), masked-patch logits, global CLS features."""
+        g = self.backbone.forward_features(global_crops, masks)
+        cls_g, patches = g["x_norm_clstoken"], g["x_norm_patchtokens"][masks]   # (2B, D), (M, D)
+        cls = torch.cat([cls_g, self.backbone(local_crops)]) if local_crops is not None else cls_g
+        cls_out, patch_out = self.heads(cls, patches)
+        return cls_out, patch_out, cls_g
+
+    @torch.no_grad()
+    def teacher_forward(self, global_crops, masks):
+        """Teacher: the unmasked global crops; logits of the CLS and of the patches at the masked positions."""
+        g = self.backbone.forward_features(global_crops)
+        return self.heads(g["x_norm_clstoken"], g["x_norm_patchtokens"][masks])
+
+
+def param_groups(student, layerwise_decay, patch_embed_lr_mult):
+    """AdamW groups as DINOv2's get_params_groups_with_decay: lr multiplier ρ^(L+1−layer) with
+    layer 0 for the patch embedding, position embedding and tokens, i+1 for block i, L+1 for the
+    final norm and the heads; ×patch_embed_lr_mult on the patch embedding; no weight decay on
+    biases, norms and LayerScale gammas; the prototypes tagged for the first-epoch freeze."""
+    L = len(student.backbone.blocks)
+    groups = {}
+    for name, p in student.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = L + 1
+        if name.startswith("backbone."):
+            if any(t in name for t in ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens")):
+                layer = 0
+            elif ".blocks." in name:
+                layer = int(name.split(".blocks.")[1].split(".")[0]) + 1
+        lr_mult = layerwise_decay ** (L + 1 - layer) * (patch_embed_lr_mult if "patch_embed" in name else 1.0)
+        decay = not (name.endswith(".bias") or "norm" in name or "gamma" in name)
+        last = "last_layer" in name
+        g = groups.setdefault((lr_mult, decay, last), {"params": [], "lr_mult": lr_mult,
+                                                      "wd_mult": 1.0 if decay else 0.0, "is_last_layer": last})
+        g["params"].append(p)
+    return list(groups.values())
+
+
+# ----------------------------------------------------------------------------------------------
+# The method
+
+class DINOv2(nn.Module):
+    def __init__(self, cfg, steps_per_epoch=1):
+        super().__init__()
+        self.cfg, self.steps_per_epoch = cfg, steps_per_epoch
+        dim = ARCHS[cfg.arch][0]
+
+        def net(drop_path_rate):
+            backbone = build_vit(cfg.arch, cfg.patch_size, img_size=cfg.global_crops_size,
+                                 drop_path_rate=drop_path_rate, drop_path_uniform=cfg.drop_path_uniform,
+                                 layerscale=cfg.layerscale or None, num_register_tokens=cfg.num_register_tokens,
+                                 ffn_layer=cfg.ffn_layer, use_mask_token=True, attn_backend=cfg.attn_backend)
+            head = lambda: dino.DINOHead(dim, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
+                                         cfg.norm_last_layer, cfg.use_bn_in_head)
+            return DINOv2Net(backbone, head(), head() if cfg.ibot_separate_head else None)
+
+        self.student, self.teacher = net(cfg.drop_path_rate), net(0.0)  # teacher: no stochastic depth
+        self.teacher.load_state_dict(self.student.state_dict())
+        self.teacher.requires_grad_(False)
+        self.register_buffer("center", torch.zeros(1, cfg.out_dim))        # C
+        self.register_buffer("center_patch", torch.zeros(1, cfg.out_dim))  # C_p
+
+    def teacher_temp(self, step):
+        """τ_t: linear per step from warmup_teacher_temp over the warm-up epochs, then constant
+        (DINOv2's CosineScheduler with equal base and final values)."""
+        cfg = self.cfg
+        return train_lib.cosine_schedule(step, cfg.teacher_temp, cfg.teacher_temp, cfg.epochs * self.steps_per_epoch,
+                                         cfg.warmup_teacher_temp_epochs * self.steps_per_epoch, cfg.warmup_teacher_temp)
+
+    def forward(self, crops, step):
+        cfg = self.cfg
+        B, grid = crops[0].shape[0], crops[0].shape[-1] // cfg.patch_size
+        global_crops = torch.cat(crops[:2])
+        local_crops = torch.cat(crops[2:]) if len(crops) > 2 else None
+        masks = data_lib.sample_masks(2 * B, grid, grid, cfg.mask_ratio_min_max, cfg.mask_sample_probability)
+        masks = masks.to(global_crops.device)                             # M (2B, N); global RNG, seeded per step
+        weights = (1.0 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]   # w_i per masked patch
+        tau_t = self.teacher_temp(step)
+
+        t_cls, t_patch = self.teacher.teacher_forward(global_crops, masks)
+        if cfg.centering == "centering":
+            p_cls = ((t_cls.float() - self.center) / tau_t).softmax(dim=-1)
+            p_patch = ((t_patch.float() - self.center_patch) / tau_t).softmax(dim=-1)
+            self.center.copy_(dino.update_center(self.center, t_cls, cfg.center_momentum))
+            if len(t_patch):
+                m = cfg.center_momentum
+                self.center_patch.copy_(self.center_patch * m + mean_over_ranks(t_patch) * (1 - m))
+        else:
+            p_cls = sinkhorn_knopp(t_cls, tau_t)
+            p_patch = sinkhorn_knopp(t_patch, tau_t)
+
+        s_cls, s_patch, s_cls_backbone = self.student(global_crops, local_crops, masks)
+        dino_term = dino.cross_entropy_pairs(s_cls, p_cls, cfg.student_temp)
+        koleo = sum(koleo_loss(x) for x in s_cls_backbone.chunk(2))  # per global crop, not across them
+        ibot = ibot_loss(s_patch, p_patch, weights, 2 * B, cfg.student_temp)
+        loss = dino_term + cfg.koleo_loss_weight * koleo + cfg.ibot_loss_weight * ibot
+        return loss, {"dino_loss": dino_term.item(), "koleo_loss": koleo.item(), "ibot_loss": ibot.item(),
+                      "teacher_temp": tau_t}
+
+    def param_groups(self):
+        return param_groups(self.student, self.cfg.layerwise_decay, self.cfg.patch_embed_lr_mult)
+
+
+if __name__ == "__main__":
+    train_lib.main(DINOv2Config, DINOv2, PRESETS, description=__doc__.split("\n")[0])
