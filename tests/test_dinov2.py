@@ -153,7 +153,7 @@ def test_swiglu_and_uniform_drop_path():
 
 
 def test_layerwise_lr_multipliers():
-    cfg = train.config_cli(dinov2.DINOv2Config, dinov2.PRESETS, [])
+    cfg = train.config_cli(dinov2.DINOv2Config, dinov2.PRESETS, ["--layerscale", "1e-5"])
     method = dinov2.DINOv2(cfg)
     mult = {id(p): (g["lr_mult"], g["wd_mult"], g["is_last_layer"]) for g in method.param_groups() for p in g["params"]}
     named = dict(method.student.named_parameters())
