@@ -432,6 +432,9 @@ class MultiCrop:
                 boxes = random_resized_crop_boxes(B * count, H, W, scale, g)
                 flips = torch.rand(B * count, generator=g) < 0.5
                 groups.append(resized_crops(x.repeat(count, 1, 1, 1), boxes, flips, size))
+        # Blur p 1.0 / 0.1 / 0.5 is DINO's, and what DINOv2 intends: its GaussianBlur hands 1 − p to
+        # RandomApply, so its code blurs global crop 1 never, global crop 2 with p 0.9 and locals
+        # with 0.5 (a known bug). We use the intended values for both methods.
         crops = [self.photometric(groups[0], g, blur_p=1.0, solarize_p=0.0),
                  self.photometric(groups[1], g, blur_p=0.1, solarize_p=0.2)]
         if self.local_number:

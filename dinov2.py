@@ -64,6 +64,8 @@ class DINOv2Config(dino.DINOConfig):
     drop_path_uniform: bool = flag(True, "the same stochastic depth rate in every block")
     num_register_tokens: int = flag(0, "register tokens (Darcet et al. 2023; the _reg models use 4)")
     ffn_layer: str = flag("mlp", "mlp | swiglufused (SwiGLU, ViT-g)", ("mlp", "swiglufused"))
+    interpolate_offset: float = flag(0.1, "position-embedding resize: offset in the scale factor (0: exact size)")
+    interpolate_antialias: bool = flag(False, "position-embedding resize with antialiasing")
     centering: str = flag("centering", "teacher centring: centering (EMA centre, as DINO) | sinkhorn_knopp",
                           ("centering", "sinkhorn_knopp"))
     koleo_loss_weight: float = flag(0.1, "λ_KoLeo")
@@ -205,7 +207,9 @@ class DINOv2(nn.Module):
             backbone = build_vit(cfg.arch, cfg.patch_size, img_size=cfg.global_crops_size,
                                  drop_path_rate=drop_path_rate, drop_path_uniform=cfg.drop_path_uniform,
                                  layerscale=cfg.layerscale or None, num_register_tokens=cfg.num_register_tokens,
-                                 ffn_layer=cfg.ffn_layer, use_mask_token=True, attn_backend=cfg.attn_backend)
+                                 ffn_layer=cfg.ffn_layer, use_mask_token=True, attn_backend=cfg.attn_backend,
+                                 interpolate_offset=cfg.interpolate_offset,
+                                 interpolate_antialias=cfg.interpolate_antialias)
             head = lambda: dino.DINOHead(dim, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
                                          cfg.norm_last_layer, cfg.use_bn_in_head)
             return DINOv2Net(backbone, head(), head() if cfg.ibot_separate_head else None)

@@ -128,7 +128,9 @@ def load_backbone(path, device):
     cfg = ckpt["config"]
     model = build_vit(cfg["arch"], cfg["patch_size"], img_size=cfg["global_crops_size"],
                       num_register_tokens=cfg.get("num_register_tokens", 0),
-                      layerscale=cfg.get("layerscale") or None)
+                      layerscale=cfg.get("layerscale") or None, ffn_layer=cfg.get("ffn_layer", "mlp"),
+                      interpolate_offset=cfg.get("interpolate_offset", 0.1),
+                      interpolate_antialias=cfg.get("interpolate_antialias", False))
     prefix = "teacher.backbone."
     state = {k[len(prefix):]: v for k, v in ckpt["method"].items() if k.startswith(prefix)}
     model.load_state_dict(state, strict=False)

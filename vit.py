@@ -126,12 +126,13 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=384, depth=12,
                  num_heads=6, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0,
                  num_register_tokens=0, layerscale=None, use_mask_token=False, attn_backend="sdpa",
-                 ffn_layer="mlp", drop_path_uniform=False):
+                 ffn_layer="mlp", drop_path_uniform=False, interpolate_offset=0.1, interpolate_antialias=False):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by the patch size {patch_size}")
         self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
         self.num_register_tokens = num_register_tokens
+        self.interpolate_offset, self.interpolate_antialias = interpolate_offset, interpolate_antialias
         self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
@@ -171,16 +172,19 @@ class VisionTransformer(nn.Module):
 
     def interpolate_pos_encoding(self, h, w):
         """Position embedding for an h x w patch grid: the learned grid resized bicubically.
-        As the official code, 0.1 is added to the target size inside the scale factor so that
-        floating-point error cannot round the output grid down (facebookresearch/dino issue 8)."""
+        As the official code, `interpolate_offset` (0.1) is added to the target size inside the
+        scale factor so that floating-point error cannot round the output grid down
+        (facebookresearch/dino issue 8); 0 asks for the output size directly. DINOv2's options:
+        `interpolate_offset` and `interpolate_antialias` (both as its defaults: 0.1, off)."""
         pos = self.pos_embed
         n = pos.shape[1] - 1
         side = int(math.sqrt(n))
         if h == side and w == side:
             return pos
         patch_pos = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
-        patch_pos = F.interpolate(patch_pos.float(), mode="bicubic",
-                                  scale_factor=((h + 0.1) / side, (w + 0.1) / side))
+        off = self.interpolate_offset
+        size = dict(scale_factor=((h + off) / side, (w + off) / side)) if off else dict(size=(h, w))
+        patch_pos = F.interpolate(patch_pos.float(), mode="bicubic", antialias=self.interpolate_antialias, **size)
         assert patch_pos.shape[-2:] == (h, w)
         patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)
         return torch.cat([pos[:, :1], patch_pos], dim=1)  # (1, 1 + N, D)
