@@ -273,7 +273,9 @@ def load_checkpoint(path):
     never runs code from the file). A truncated or foreign file is an error, never a fresh start."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as e:
+        if "GLOBAL" not in str(e):  # a pickle asking for a global (a class or function): refused
+            raise ConfigError(f"cannot read checkpoint {path} (not a PyTorch checkpoint: {str(e)[:100]})") from None
         raise ConfigError(f"checkpoint {path} holds pickled objects other than tensors, numbers, strings, "
                           f"lists and dicts; refused, since loading it could run code") from None
     except Exception as e:
