@@ -46,7 +46,25 @@ from vit import ARCHS, build_vit
 
 
 @dataclass
-class DINOv2Config(dino.DINOConfig):
+class MaskedViTFlags:
+    """What DINOv2 adds to the backbone, the optimiser and the masking (shared with SimDINOv2);
+    defaults from DINOv2's ssl_default_config.yaml."""
+    layerscale: float = flag(1e-5, "LayerScale initial value (0: no LayerScale)")
+    drop_path_uniform: bool = flag(True, "the same stochastic depth rate in every block")
+    num_register_tokens: int = flag(0, "register tokens (Darcet et al. 2023; the _reg models use 4)")
+    ffn_layer: str = flag("mlp", "mlp | swiglufused (SwiGLU, ViT-g)", ("mlp", "swiglufused"))
+    interpolate_offset: float = flag(0.1, "position-embedding resize: offset in the scale factor (0: exact size)")
+    interpolate_antialias: bool = flag(False, "position-embedding resize with antialiasing")
+    ibot_loss_weight: float = flag(1.0, "λ_iBOT, weight of the masked-patch loss")
+    mask_sample_probability: float = flag(0.5, "fraction of the global crops that are masked")
+    mask_ratio_min_max: tuple = flag((0.1, 0.5), "range of the masked fraction of a masked crop's patches")
+    ibot_separate_head: bool = flag(False, "a separate head for the masked patches (default: the CLS head)")
+    layerwise_decay: float = flag(0.9, "ρ: block i of L gets lr·ρ^(L+1−i); patch embedding, tokens ρ^(L+1)")
+    patch_embed_lr_mult: float = flag(0.2, "extra lr factor of the patch embedding")
+
+
+@dataclass
+class DINOv2Config(dino.DINOConfig, MaskedViTFlags):
     """DINOConfig with the defaults of DINOv2's ssl_default_config.yaml, and DINOv2's additions."""
     arch: str = flag("vit_large", "backbone (DINOv2 default config: ViT-L/16)")
     drop_path_rate: float = flag(0.3, "stochastic depth rate of the student")
@@ -59,22 +77,9 @@ class DINOv2Config(dino.DINOConfig):
     global_crops_scale: tuple = flag((0.32, 1.0), "area range of global crops")
     local_crops_scale: tuple = flag((0.05, 0.32), "area range of local crops")
     output_dir: str = flag("runs/dinov2", "checkpoint.pth, config.json, log.jsonl go here; resumed if present")
-    # what DINOv2 adds
-    layerscale: float = flag(1e-5, "LayerScale initial value (0: no LayerScale)")
-    drop_path_uniform: bool = flag(True, "the same stochastic depth rate in every block")
-    num_register_tokens: int = flag(0, "register tokens (Darcet et al. 2023; the _reg models use 4)")
-    ffn_layer: str = flag("mlp", "mlp | swiglufused (SwiGLU, ViT-g)", ("mlp", "swiglufused"))
-    interpolate_offset: float = flag(0.1, "position-embedding resize: offset in the scale factor (0: exact size)")
-    interpolate_antialias: bool = flag(False, "position-embedding resize with antialiasing")
     centering: str = flag("centering", "teacher centring: centering (EMA centre, as DINO) | sinkhorn_knopp",
                           ("centering", "sinkhorn_knopp"))
     koleo_loss_weight: float = flag(0.1, "λ_KoLeo")
-    ibot_loss_weight: float = flag(1.0, "λ_iBOT")
-    mask_sample_probability: float = flag(0.5, "fraction of the global crops that are masked")
-    mask_ratio_min_max: tuple = flag((0.1, 0.5), "range of the masked fraction of a masked crop's patches")
-    ibot_separate_head: bool = flag(False, "a separate head for the masked patches (default: the DINO head)")
-    layerwise_decay: float = flag(0.9, "ρ: block i of L gets lr·ρ^(L+1−i); patch embedding, tokens ρ^(L+1)")
-    patch_embed_lr_mult: float = flag(0.2, "extra lr factor of the patch embedding")
 
 
 PRESETS = {
@@ -197,26 +202,40 @@ def param_groups(student, layerwise_decay, patch_embed_lr_mult):
 # ----------------------------------------------------------------------------------------------
 # The method
 
+def student_and_teacher(cfg, make_head):
+    """DINOv2Net student and teacher on the DINOv2 backbone (mask token, LayerScale, registers,
+    SwiGLU, uniform drop path); the teacher a frozen copy, without stochastic depth."""
+    def net(drop_path_rate):
+        backbone = build_vit(cfg.arch, cfg.patch_size, img_size=cfg.global_crops_size,
+                             drop_path_rate=drop_path_rate, drop_path_uniform=cfg.drop_path_uniform,
+                             layerscale=cfg.layerscale or None, num_register_tokens=cfg.num_register_tokens,
+                             ffn_layer=cfg.ffn_layer, use_mask_token=True, attn_backend=cfg.attn_backend,
+                             interpolate_offset=cfg.interpolate_offset,
+                             interpolate_antialias=cfg.interpolate_antialias)
+        return DINOv2Net(backbone, make_head(), make_head() if cfg.ibot_separate_head else None)
+    student, teacher = net(cfg.drop_path_rate), net(0.0)
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)
+    return student, teacher
+
+
+def masks_and_weights(cfg, crops):
+    """Block masks M (2B, N) of the global crops, drawn from the step's seeded global RNG, and
+    the iBOT weight w_i = 1 / #masked of the image of each masked patch (M_total,)."""
+    B, grid = crops[0].shape[0], crops[0].shape[-1] // cfg.patch_size
+    masks = data_lib.sample_masks(2 * B, grid, grid, cfg.mask_ratio_min_max, cfg.mask_sample_probability)
+    masks = masks.to(crops[0].device)
+    weights = (1.0 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]
+    return masks, weights
+
+
 class DINOv2(nn.Module):
     def __init__(self, cfg, steps_per_epoch=1):
         super().__init__()
         self.cfg, self.steps_per_epoch = cfg, steps_per_epoch
-        dim = ARCHS[cfg.arch][0]
-
-        def net(drop_path_rate):
-            backbone = build_vit(cfg.arch, cfg.patch_size, img_size=cfg.global_crops_size,
-                                 drop_path_rate=drop_path_rate, drop_path_uniform=cfg.drop_path_uniform,
-                                 layerscale=cfg.layerscale or None, num_register_tokens=cfg.num_register_tokens,
-                                 ffn_layer=cfg.ffn_layer, use_mask_token=True, attn_backend=cfg.attn_backend,
-                                 interpolate_offset=cfg.interpolate_offset,
-                                 interpolate_antialias=cfg.interpolate_antialias)
-            head = lambda: dino.DINOHead(dim, cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
-                                         cfg.norm_last_layer, cfg.use_bn_in_head)
-            return DINOv2Net(backbone, head(), head() if cfg.ibot_separate_head else None)
-
-        self.student, self.teacher = net(cfg.drop_path_rate), net(0.0)  # teacher: no stochastic depth
-        self.teacher.load_state_dict(self.student.state_dict())
-        self.teacher.requires_grad_(False)
+        head = lambda: dino.DINOHead(ARCHS[cfg.arch][0], cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
+                                     cfg.norm_last_layer, cfg.use_bn_in_head)
+        self.student, self.teacher = student_and_teacher(cfg, head)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))        # C
         self.register_buffer("center_patch", torch.zeros(1, cfg.out_dim))  # C_p
 
@@ -229,12 +248,10 @@ class DINOv2(nn.Module):
 
     def forward(self, crops, step):
         cfg = self.cfg
-        B, grid = crops[0].shape[0], crops[0].shape[-1] // cfg.patch_size
+        B = crops[0].shape[0]
         global_crops = torch.cat(crops[:2])
         local_crops = torch.cat(crops[2:]) if len(crops) > 2 else None
-        masks = data_lib.sample_masks(2 * B, grid, grid, cfg.mask_ratio_min_max, cfg.mask_sample_probability)
-        masks = masks.to(global_crops.device)                             # M (2B, N); global RNG, seeded per step
-        weights = (1.0 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]   # w_i per masked patch
+        masks, weights = masks_and_weights(cfg, crops)                    # M (2B, N), w_i
         tau_t = self.teacher_temp(step)
 
         t_cls, t_patch = self.teacher.teacher_forward(global_crops, masks)

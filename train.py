@@ -239,8 +239,8 @@ def check_config(cfg):
              f"--mask_sample_probability must be in [0, 1], got {cfg.mask_sample_probability}")
         need(0 < cfg.layerwise_decay <= 1, f"--layerwise_decay must be in (0, 1], got {cfg.layerwise_decay}")
         for name in ("patch_embed_lr_mult", "koleo_loss_weight", "ibot_loss_weight", "num_register_tokens", "layerscale"):
-            need(getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}")
-        need(cfg.koleo_loss_weight == 0 or cfg.batch_size_per_gpu >= 2,
+            need(getattr(cfg, name, 0) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name, 0)}")
+        need(getattr(cfg, "koleo_loss_weight", 0) == 0 or cfg.batch_size_per_gpu >= 2,
              "KoLeo needs at least 2 images per process (--batch_size_per_gpu >= 2, or --koleo_loss_weight 0)")
     if hasattr(cfg, "center_momentum"):
         need(0 <= cfg.center_momentum <= 1, f"--center_momentum must be in [0, 1], got {cfg.center_momentum}")
