@@ -36,3 +36,10 @@ def test_dinov2_learns(tmp_path, baselines):
     log = short_run(tmp_path, dinov2, dinov2.DINOv2Config, dinov2.DINOv2, epochs=2)
     assert log[-1]["train_loss"] < log[0]["train_loss"]
     assert log[-1]["knn_top1"] > max(baselines.values()) + 5, (log[-1]["knn_top1"], baselines)
+
+
+def test_simdinov2_learns(tmp_path, baselines):
+    import simdinov2
+    log = short_run(tmp_path, simdinov2, simdinov2.SimDINOv2Config, simdinov2.SimDINOv2, epochs=2)
+    assert log[-1]["train_loss"] < log[0]["train_loss"]
+    assert log[-1]["knn_top1"] > max(baselines.values()) + 5, (log[-1]["knn_top1"], baselines)
