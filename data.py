@@ -499,6 +499,11 @@ def eval_view(images, size):
     x = images.float() / 255
     if x.shape[-1] != size or x.shape[-2] != size:
         x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+    return normalize(x)
+
+
+def normalize(x):
+    """Float images in [0, 1] (B, 3, H, W) -> normalised with the ImageNet mean and std."""
     mean, std = torch.tensor(IMAGENET_MEAN, device=x.device), torch.tensor(IMAGENET_STD, device=x.device)
     return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 

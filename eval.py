@@ -1,6 +1,10 @@
-"""Evaluation of a pretrained backbone.
+"""Evaluation of a pretrained backbone: ours or an official DINO / DINOv2 / SimDINO one.
 
     python eval.py knn --checkpoint runs/dino/checkpoint.pth [--baselines]
+    python eval.py linear --checkpoint runs/dino/checkpoint.pth [--fast | --epochs 100]
+    python eval.py attention --checkpoint runs/dino/checkpoint.pth   # also: pca
+    python eval.py curves --logs runs/dino runs/simdino
+    python eval.py knn --checkpoint dinov2_vits14_reg4_pretrain.pth --data imagefolder --data_path DIR
 
 k-NN (DINO, Caron et al. 2021, §4.1 and the official `eval_knn.py`): the teacher backbone's CLS
 features of the train split (the memory bank) and of the held-out split, L2-normalised; each
@@ -8,19 +12,26 @@ held-out image votes over its k = 20 nearest train images (cosine similarity s),
 weighted by exp(s / T) with T = 0.07; top-1 and top-5 accuracy. Features are extracted in shards
 under torchrun and gathered. `--baselines` also runs the same k-NN on raw pixels and on a randomly
 initialised ViT of the same architecture: what self-supervised learning has to beat.
+
+Linear probe (DINO §4.1, `eval_linear.py`): a linear layer on frozen features, SGD with
+augmentation for `--epochs`; `--fast` fits a logistic regression on precomputed features instead.
+Checkpoints are read with weights_only=True and mapped key for key (`backbone_state`).
 """
 import argparse
 import json
+import math
 import os
 import pickle
+import re
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
 
 import data as data_lib
 from kernels import distributed as dist
-from vit import build_vit
+from vit import ARCHS, build_vit
 
 
 @torch.no_grad()
@@ -119,38 +130,210 @@ def baselines(arch, patch_size, train_set, eval_set, size, device, seed=0, **kw)
     return out
 
 
-def load_backbone(path, device):
-    """The teacher backbone of a nanodino checkpoint and its config. Read with weights_only=True
-    (loading never runs code from the file); every key must match the model, one for one."""
+# ----------------------------------------------------------------------------------------------
+# Linear probe (DINO §4.1, the official eval_linear.py) and its fast logistic-regression mode.
+
+def probe_features(backbone, images, n_last_blocks, avgpool):
+    """The official eval_linear features: the CLS tokens of the last n blocks (each through the
+    final norm), concatenated; with avgpool also the mean of the last block's patch tokens
+    (registers left out). The official code interleaves CLS and mean; a linear layer does not care."""
+    layers = backbone.get_intermediate_layers(images, n_last_blocks)
+    out = torch.cat([t[:, 0] for t in layers], dim=-1)
+    if avgpool:
+        out = torch.cat([out, layers[-1][:, 1 + backbone.num_register_tokens:].mean(1)], dim=-1)
+    return out
+
+
+def probe_recipe(backbone):
+    """(n_last_blocks, avgpool) of the official recipe: ViT-S and smaller the last 4 CLS tokens;
+    ViT-B and larger the last CLS with the average patch token."""
+    return (1, True) if backbone.embed_dim >= 768 else (4, False)
+
+
+def linear_probe(backbone, train_set, eval_set, size, device, n_last_blocks, avgpool, epochs=100,
+                 batch_size=128, lr=0.001, seed=0, num_workers=0):
+    """A linear classifier on the frozen backbone, as eval_linear.py: random-resized crops (scale
+    0.08-1) and flips, SGD with momentum 0.9 and no weight decay, lr = lr·B/256 (B the global
+    batch) with cosine decay to 0 over the epochs; weights N(0, 0.01²), bias 0. Evaluated once
+    after the last epoch on the held-out split (the official script prints the best epoch's)."""
+    train_set, eval_set = _labelled(train_set), _labelled(eval_set)
+    backbone.eval()
+    feats = lambda x: probe_features(backbone, x, n_last_blocks, avgpool)
+    with torch.no_grad():
+        dim = feats(torch.zeros(1, 3, size, size, device=device)).shape[1]
+    torch.manual_seed(seed)
+    clf = torch.nn.Linear(dim, train_set.classes).to(device)
+    torch.nn.init.normal_(clf.weight, std=0.01)
+    torch.nn.init.zeros_(clf.bias)
+    model = dist.wrap_ddp(clf, device)
+    opt = torch.optim.SGD(model.parameters(), lr=lr * batch_size * dist.world_size() / 256, momentum=0.9,
+                          weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs, eta_min=0)
+    loader = data_lib.Loader(train_set, batch_size, seed, dist.rank(), dist.world_size(), num_workers)
+    folder = isinstance(train_set, data_lib.FolderImages)
+    if folder:  # workers crop the full-resolution images, as torchvision's pipeline
+        train_set.crops = [(size, (0.08, 1.0), 1)]
+    g, t0 = torch.Generator().manual_seed(seed * 1009 + dist.rank()), time.time()
+    for epoch in range(epochs):
+        total = torch.zeros((), device=device)
+        for images, y in loader.epoch(epoch):
+            if folder:
+                x = images[0].to(device).float() / 255
+            else:
+                boxes = data_lib.random_resized_crop_boxes(len(images), *images.shape[-2:], (0.08, 1.0), g)
+                flips = torch.rand(len(images), generator=g) < 0.5
+                x = data_lib.resized_crops(images.to(device).float() / 255, boxes, flips, size)
+            with torch.no_grad():
+                f = feats(data_lib.normalize(x))
+            loss = F.cross_entropy(model(f), y.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.detach()
+        sched.step()
+        if epoch == epochs - 1 or (epoch + 1) % max(1, epochs // 10) == 0:
+            dist.print0(f"linear epoch {epoch + 1}/{epochs} loss {total.item() / len(loader):.4f} "
+                        f"({time.time() - t0:.0f} s)")
+    if folder:
+        train_set.crops = None
+    fte, yte = extract_features(feats, eval_set, size, device)
+    return _accuracy(clf(fte), yte)
+
+
+def _accuracy(logits, labels):
+    """(top-1, top-5) in % of logits (N, C) against labels (N,)."""
+    pred = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    top1 = (pred[:, 0] == labels).float().mean().item()
+    top5 = (pred == labels[:, None]).any(1).float().mean().item()
+    return 100.0 * top1, 100.0 * top5
+
+
+def logistic_regression(ftr, ytr, fte, yte, num_classes, weight_decays=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2), iters=200):
+    """The fast mode: multinomial logistic regression on precomputed features (standardised with
+    the train statistics), fitted by full-batch L-BFGS; the L2 weight is picked on a 10 % slice of
+    the train split, then the head is refitted on the whole split (as DINOv2's log_regression.py
+    sweeps its C). Returns ((top-1, top-5) on the held-out split, the chosen weight decay)."""
+    mean, std = ftr.mean(0), ftr.std(0).clamp_min(1e-6)
+    ftr, fte = (ftr - mean) / std, (fte - mean) / std
+
+    def fit(x, y, wd):
+        W = torch.zeros(x.shape[1], num_classes, device=x.device, requires_grad=True)
+        b = torch.zeros(num_classes, device=x.device, requires_grad=True)
+        opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(x @ W + b, y) + 0.5 * wd * W.square().sum()
+            loss.backward()
+            return loss
+        opt.step(closure)
+        return lambda z: (z @ W + b).detach()
+
+    order = torch.randperm(len(ftr), generator=torch.Generator().manual_seed(0)).to(ftr.device)
+    val, fit_idx = order[:len(ftr) // 10], order[len(ftr) // 10:]
+    scores = {wd: _accuracy(fit(ftr[fit_idx], ytr[fit_idx], wd)(ftr[val]), ytr[val])[0] for wd in weight_decays}
+    best = max(weight_decays, key=lambda wd: (scores[wd], wd))  # ties: the stronger regulariser
+    return _accuracy(fit(ftr, ytr, best)(fte), yte), best
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: ours and the official ones, read safely, mapped key for key onto vit.py.
+
+def read_checkpoint(path):
+    """torch.load with weights_only=True: tensors, numbers, strings, lists and dicts, and the
+    argparse.Namespace that official DINO / SimDINO checkpoints carry as `args` (an attribute bag:
+    rebuilding it calls no code of the file). A pickle asking for any other global is refused."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "GLOBAL" not in str(e):  # a pickle asking for a global (a class or function): refused
+        if "GLOBAL" not in str(e):
             raise ValueError(f"cannot read checkpoint {path} (not a PyTorch checkpoint: {str(e)[:100]})") from None
         raise ValueError(f"{path} holds pickled objects other than tensors, numbers, strings, lists and "
                          f"dicts; refused, since loading it could run code") from None
     except Exception as e:
         first = (str(e).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}: {first})") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "method" not in ckpt:
-        raise ValueError(f"{path} is not a nanodino checkpoint (no 'config' / 'method' keys)")
-    cfg = ckpt["config"]
-    prefix = "teacher.backbone."
-    state = {k[len(prefix):]: v for k, v in ckpt["method"].items() if k.startswith(prefix)}
-    model = build_vit(cfg["arch"], cfg["patch_size"], img_size=cfg["global_crops_size"],
+
+
+def backbone_state(ckpt, key="teacher"):
+    """The backbone weights in a checkpoint, with vit.py's keys (which are the official ones):
+    - ours and official DINO / SimDINO `checkpoint.pth`: ckpt[key] with `backbone.` / `head.` keys
+      (`module.` too under DDP); DINOv2 / SimDINOv2 `teacher_checkpoint.pth`: ckpt["teacher"];
+    - DINOv2 / SimDINOv2 training checkpoints: ckpt["model"] with `teacher.backbone.` keys;
+    - released backbones (dino_vits16, dinov2_vits14[_reg], ...): the plain state dict.
+    Heads are dropped and DINOv2's chunked blocks (`blocks.<chunk>.<i>.`) unchunked."""
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"holds a {type(ckpt).__name__}, not a state dict")
+    if isinstance(ckpt.get("model"), dict):
+        ckpt = ckpt["model"]
+    if isinstance(ckpt.get(key), dict):
+        state = ckpt[key]
+    elif any(k.startswith(key + ".") for k in ckpt):
+        state = {k[len(key) + 1:]: v for k, v in ckpt.items() if k.startswith(key + ".")}
+    else:
+        state = ckpt
+    state = {k.removeprefix("module."): v for k, v in state.items() if torch.is_tensor(v)}
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    state = {re.sub(r"^blocks\.\d+\.(\d+)\.", r"blocks.\1.", k): v for k, v in state.items()}
+    if "cls_token" not in state or "patch_embed.proj.weight" not in state:
+        raise ValueError(f"holds no ViT backbone under {key!r} (no cls_token / patch_embed.proj.weight; "
+                         f"keys: {list(state)[:4]})")
+    return state
+
+
+def infer_vit(state):
+    """build_vit's arguments for an official backbone state dict: width and depth give the arch,
+    the patch embedding the patch size, the position embedding the training resolution; registers,
+    LayerScale, SwiGLU and the mask token where their weights are. Registers imply the DINOv2 hub
+    `_reg` models' position interpolation (no offset, antialiased), else DINO's (offset 0.1)."""
+    width = state["cls_token"].shape[-1]
+    depth = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1)
+    arch = next((a for a, (d, n, _) in ARCHS.items() if (d, n) == (width, depth)), None)
+    if arch is None:
+        raise ValueError(f"a ViT of width {width} and depth {depth} is none of {', '.join(ARCHS)}")
+    patch = state["patch_embed.proj.weight"].shape[-1]
+    registers = state["register_tokens"].shape[1] if "register_tokens" in state else 0
+    return dict(arch=arch, patch_size=patch, img_size=math.isqrt(state["pos_embed"].shape[1] - 1) * patch,
+                num_register_tokens=registers, layerscale=1.0 if "blocks.0.ls1.gamma" in state else None,
+                ffn_layer="swiglufused" if "blocks.0.mlp.w12.weight" in state else "mlp",
+                use_mask_token="mask_token" in state,
+                interpolate_offset=0.0 if registers else 0.1, interpolate_antialias=bool(registers))
+
+
+def load_backbone(path, device, key="teacher", arch=None, patch_size=None):
+    """(backbone in eval mode, our training config or None) from a checkpoint of ours or of the
+    official code. Every key must match, one for one; `arch` / `patch_size`, when given, must be
+    what the file holds."""
+    ckpt = read_checkpoint(path)
+    try:
+        state = backbone_state(ckpt, key)
+        cfg = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None
+        if cfg is not None:  # ours: the config names the model
+            kw = dict(arch=cfg["arch"], patch_size=cfg["patch_size"], img_size=cfg["global_crops_size"],
                       num_register_tokens=cfg.get("num_register_tokens", 0),
                       layerscale=cfg.get("layerscale") or None, ffn_layer=cfg.get("ffn_layer", "mlp"),
                       use_mask_token="mask_token" in state,
                       interpolate_offset=cfg.get("interpolate_offset", 0.1),
                       interpolate_antialias=cfg.get("interpolate_antialias", False))
+        else:
+            kw = infer_vit(state)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    name = f"{kw['arch']}/{kw['patch_size']}"
+    if (arch and arch != kw["arch"]) or (patch_size and patch_size != kw["patch_size"]):
+        raise ValueError(f"{path} holds a {name}, not the requested {arch or kw['arch']}/{patch_size or kw['patch_size']}")
+    model = build_vit(**kw)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shapes that do not match the config (another patch size, width, ...)
+    except RuntimeError as e:  # shapes that do not fit (another patch size, width, ...)
         detail = [l.strip() for l in str(e).splitlines() if "size mismatch" in l][:1]
-        raise ValueError(f"{path}: the weights do not fit a {cfg['arch']}/{cfg['patch_size']} "
-                         f"({detail[0] if detail else 'size mismatch'})") from None
+        raise ValueError(f"{path}: the weights do not fit a {name} ({detail[0] if detail else 'size mismatch'})") from None
     if missing or unexpected:
-        raise ValueError(f"{path}: the backbone's keys do not match a {cfg['arch']}/{cfg['patch_size']} "
+        raise ValueError(f"{path}: the backbone's keys do not match a {name} "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.to(device).eval(), cfg
 
@@ -274,23 +457,41 @@ def curves_picture(log_paths, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["knn", "attention", "pca", "curves"])
-    p.add_argument("--checkpoint", default="", help="a nanodino checkpoint.pth")
+    p.add_argument("command", choices=["knn", "linear", "attention", "pca", "curves"])
+    p.add_argument("--checkpoint", default="", help="ours (checkpoint.pth) or an official DINO / DINOv2 / "
+                                                    "SimDINO checkpoint or backbone")
+    p.add_argument("--checkpoint_key", default="teacher", help="teacher or student, where a file holds both")
+    p.add_argument("--arch", default=None, help="check that the checkpoint holds this arch")
+    p.add_argument("--patch_size", type=int, default=None, help="check that the checkpoint has this patch size")
     p.add_argument("--data", default=None, help="dataset (default: the checkpoint's)")
     p.add_argument("--data_path", default=None)
+    p.add_argument("--image_size", type=int, default=None,
+                   help="evaluation resolution (default: ours the global crop size, official the training one)")
     p.add_argument("--device", default="auto")
     p.add_argument("--output_dir", default=".", help="where attention.png / pca.png / curves.png go")
     p.add_argument("--nb_knn", type=int, default=20, help="k (official default 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="T of exp(s/T) (official 0.07)")
-    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--batch_size", type=int, default=256, help="feature extraction batch")
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--baselines", action="store_true", help="also k-NN on raw pixels and a random ViT")
+    p.add_argument("--fast", action="store_true", help="linear: logistic regression on precomputed features "
+                                                       "instead of the SGD protocol")
+    p.add_argument("--epochs", type=int, default=100, help="linear: epochs (official 100)")
+    p.add_argument("--lr", type=float, default=0.001, help="linear: base lr, scaled by batch/256 (official 0.001)")
+    p.add_argument("--batch_size_per_gpu", type=int, default=128, help="linear: batch per process (official 128)")
+    p.add_argument("--n_last_blocks", type=int, default=None, help="linear: CLS of the last n blocks "
+                                                                   "(default: 4 below ViT-B, else 1)")
+    p.add_argument("--avgpool_patchtokens", type=int, choices=[0, 1], default=None,
+                   help="linear: add the mean patch token (default: from ViT-B on)")
     p.add_argument("--num_images", type=int, default=6, help="images in the attention / PCA pictures")
     p.add_argument("--logs", nargs="+", default=[], help="curves: log.jsonl files or run directories")
     args = p.parse_args(argv)
     device = dist.setup(args.device)
     result = None
     try:
+        for name in ("batch_size", "batch_size_per_gpu", "epochs", "nb_knn", "num_images"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
         if args.command == "curves":
             if not args.logs:
                 raise ValueError("curves needs --logs RUN_DIR_OR_LOG [...]")
@@ -300,22 +501,46 @@ def main(argv=None):
         else:
             if not args.checkpoint:
                 raise ValueError("--checkpoint is required")
-            backbone, cfg = load_backbone(args.checkpoint, device)
-            name = args.data or cfg["data"]
+            backbone, cfg = load_backbone(args.checkpoint, device, args.checkpoint_key, args.arch, args.patch_size)
+            cfg = cfg or {}
+            name = args.data or cfg.get("data")
+            if not name:
+                raise ValueError(f"{args.checkpoint} is not a nanodino checkpoint: give --data (and --data_path)")
             path = args.data_path if args.data_path is not None else cfg.get("data_path", "")
-            size = cfg["global_crops_size"]
+            size = args.image_size or cfg.get("global_crops_size") or backbone.patch_size * math.isqrt(
+                backbone.pos_embed.shape[1] - 1)
+            if size % backbone.patch_size:
+                raise ValueError(f"--image_size {size} is not divisible by the patch size {backbone.patch_size}")
             train_set, eval_set = data_lib.load_dataset(name, path, eval_size=size)
         if args.command == "knn":
             top1, top5 = knn_eval(backbone, train_set, eval_set, size, device, args.nb_knn, args.temperature,
                                   args.batch_size, args.num_workers)
             result = {"top1": top1, "top5": top5, "k": args.nb_knn, "data": name}
             if args.baselines:
-                for key, (b1, b5) in baselines(cfg["arch"], cfg["patch_size"], train_set, eval_set, size,
+                for key, (b1, b5) in baselines(cfg.get("arch") or infer_vit(backbone.state_dict())["arch"],
+                                               backbone.patch_size, train_set, eval_set, size,
                                                device, k=args.nb_knn, T=args.temperature).items():
                     result[f"{key}_top1"], result[f"{key}_top5"] = b1, b5
+        elif args.command == "linear":
+            n_last, avgpool = probe_recipe(backbone)
+            n_last = args.n_last_blocks or n_last
+            avgpool = bool(avgpool if args.avgpool_patchtokens is None else args.avgpool_patchtokens)
+            if not 1 <= n_last <= len(backbone.blocks):
+                raise ValueError(f"--n_last_blocks must be in 1..{len(backbone.blocks)}, got {n_last}")
+            result = {"data": name, "n_last_blocks": n_last, "avgpool_patchtokens": avgpool}
+            if args.fast:
+                feats = lambda x: probe_features(backbone, x, n_last, avgpool)
+                tr, ev = _labelled(train_set), _labelled(eval_set)
+                ftr, ytr = extract_features(feats, tr, size, device, args.batch_size, args.num_workers)
+                fte, yte = extract_features(feats, ev, size, device, args.batch_size, args.num_workers)
+                (top1, top5), wd = logistic_regression(ftr, ytr, fte, yte, tr.classes)
+                result.update(mode="logistic regression", weight_decay=wd)
+            else:
+                top1, top5 = linear_probe(backbone, train_set, eval_set, size, device, n_last, avgpool,
+                                          args.epochs, args.batch_size_per_gpu, args.lr, num_workers=args.num_workers)
+                result.update(mode="sgd", epochs=args.epochs)
+            result.update(top1=top1, top5=top5)
         elif args.command in ("attention", "pca"):
-            if args.num_images < 1:
-                raise ValueError(f"--num_images must be positive, got {args.num_images}")
             os.makedirs(args.output_dir, exist_ok=True)
             images = _first_images(eval_set, args.num_images, size, device)
             result = {"picture": os.path.join(args.output_dir, f"{args.command}.png")}

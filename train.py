@@ -20,7 +20,6 @@ from dataclasses import dataclass
 import json
 import math
 import os
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -269,22 +268,36 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path):
-    """A checkpoint of ours: tensors, numbers, strings, lists and dicts only (weights_only: loading
-    never runs code from the file). A truncated or foreign file is an error, never a fresh start."""
+    """A checkpoint of ours: tensors, numbers, strings, lists and dicts only (read with
+    weights_only: loading never runs code from the file). A truncated or foreign file is an
+    error, never a fresh start."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "GLOBAL" not in str(e):  # a pickle asking for a global (a class or function): refused
-            raise ConfigError(f"cannot read checkpoint {path} (not a PyTorch checkpoint: {str(e)[:100]})") from None
-        raise ConfigError(f"checkpoint {path} holds pickled objects other than tensors, numbers, strings, "
-                          f"lists and dicts; refused, since loading it could run code") from None
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ConfigError(f"checkpoint {path} is unreadable or not a nanodino checkpoint "
-                          f"({type(e).__name__}: {first[:200]}); move it away to start afresh") from None
-    if not isinstance(state, dict) or not {"method", "optimizer", "step", "config"} <= set(state):
+        state = eval_lib.read_checkpoint(path)
+    except ValueError as e:
+        raise ConfigError(f"{e}; move it away to start afresh") from None
+    if not isinstance(state, dict) or not {"student", "teacher", "method", "optimizer", "step", "config"} <= set(state):
         raise ConfigError(f"{path} is not a nanodino training checkpoint; move it away to start afresh")
     return state
+
+
+def split_state(method_state):
+    """The method's state dict in the official checkpoint layout: `student` and `teacher` with
+    `backbone.` / `head.` keys (what the official eval_knn.py --checkpoint_key teacher reads),
+    `method` the rest (DINO's centre)."""
+    out = {"student": {}, "teacher": {}, "method": {}}
+    for key, value in method_state.items():
+        part, _, rest = key.replace("student.module.", "student.").partition(".")
+        if part in ("student", "teacher"):
+            out[part][rest] = value
+        else:
+            out["method"][key] = value
+    return out
+
+
+def join_state(ckpt):
+    """split_state's inverse: the method's state dict from a checkpoint."""
+    return {**ckpt["method"], **{f"student.{k}": v for k, v in ckpt["student"].items()},
+            **{f"teacher.{k}": v for k, v in ckpt["teacher"].items()}}
 
 
 def _truncate_log(path, step):
@@ -351,7 +364,7 @@ def train(cfg, Method):
     params = [p for g in groups for p in g["params"]]
     start_step, sums, count = 0, {}, 0
     if resume is not None:
-        method.load_state_dict(resume["method"])
+        method.load_state_dict(join_state(resume))
         optimizer.load_state_dict(resume["optimizer"])
         scaler.load_state_dict(resume["scaler"])
         start_step, sums, count = resume["step"], resume.get("epoch_sums", {}), resume.get("epoch_count", 0)
@@ -381,9 +394,9 @@ def train(cfg, Method):
 
     def save(epoch):
         if dist.is_main():
-            state = {"method": {k.replace("student.module.", "student."): v for k, v in method.state_dict().items()},
-                     "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                     "epoch": epoch, "config": cfg_dict, "epoch_sums": sums, "epoch_count": count}
+            state = {**split_state(method.state_dict()), "optimizer": optimizer.state_dict(),
+                     "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "config": cfg_dict,
+                     "epoch_sums": sums, "epoch_count": count}
             save_checkpoint(ckpt_path, state)
             if cfg.saveckp_freq and step % steps_per_epoch == 0 and (epoch + 1) % cfg.saveckp_freq == 0:
                 save_checkpoint(out / f"checkpoint{epoch:04d}.pth", state)

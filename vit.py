@@ -50,6 +50,19 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+class PatchEmbed(nn.Module):
+    """Non-overlapping P x P patches, each linearly projected to D (one strided convolution);
+    named `proj` inside `patch_embed` as in the official DINO and DINOv2 code, so that state dicts
+    share one key layout."""
+
+    def __init__(self, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, N, D)
+
+
 class Attention(nn.Module):
     def __init__(self, dim, num_heads, qkv_bias=True, backend="sdpa"):
         super().__init__()
@@ -133,7 +146,7 @@ class VisionTransformer(nn.Module):
         self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
         self.num_register_tokens = num_register_tokens
         self.interpolate_offset, self.interpolate_antialias = interpolate_offset, interpolate_antialias
-        self.patch_embed = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         grid = img_size // patch_size
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, embed_dim))  # CLS + patches
@@ -195,7 +208,7 @@ class VisionTransformer(nn.Module):
         B, _, H, W = x.shape
         if H % self.patch_size or W % self.patch_size:
             raise ValueError(f"input {H}x{W} is not divisible by the patch size {self.patch_size}")
-        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, D)
+        x = self.patch_embed(x)  # (B, N, D)
         if masks is not None:
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1)  # (B, 1 + N, D)

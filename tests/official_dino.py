@@ -23,10 +23,6 @@ import dino  # noqa: E402
 import train  # noqa: E402
 
 
-def official_keys(state):
-    return {k.replace("patch_embed.", "patch_embed.proj."): v for k, v in state.items()}
-
-
 def main(official_dir, steps=20, batch=16, steps_per_epoch=10):
     sys.path.insert(1, official_dir)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -46,7 +42,7 @@ def main(official_dir, steps=20, batch=16, steps_per_epoch=10):
     head = lambda: OV.DINOHead(dim, cfg.out_dim, use_bn=False, norm_last_layer=cfg.norm_last_layer,
                                hidden_dim=cfg.head_hidden_dim, bottleneck_dim=cfg.head_bottleneck_dim)
     student, teacher = OU.MultiCropWrapper(vit(), head()), OU.MultiCropWrapper(vit(), head())
-    student.load_state_dict(official_keys(ours.student.state_dict()), strict=True)
+    student.load_state_dict(ours.student.state_dict(), strict=True)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)
     loss_fn = OM.DINOLoss(cfg.out_dim, cfg.local_crops_number + 2, cfg.warmup_teacher_temp, cfg.teacher_temp,
@@ -92,7 +88,7 @@ def main(official_dir, steps=20, batch=16, steps_per_epoch=10):
         print(f"step {it}: loss official {loss_off.item():.6f} ours {loss.item():.6f}")
 
     def diff(a, b):
-        a, b = official_keys(a.state_dict()), b.state_dict()
+        a, b = a.state_dict(), b.state_dict()
         return max((a[k] - b[k]).abs().max().item() for k in b)
     d = {"student": diff(ours.student, student), "teacher": diff(ours.teacher, teacher),
          "center": (ours.center - loss_fn.center).abs().max().item()}

@@ -161,7 +161,7 @@ def test_layerwise_lr_multipliers():
     for i in range(L):
         assert mult[id(named[f"backbone.blocks.{i}.attn.qkv.weight"])] == (pytest.approx(rho ** (L - i)), 1.0, False)
         assert mult[id(named[f"backbone.blocks.{i}.ls1.gamma"])][1] == 0.0            # no decay on gammas
-    assert mult[id(named["backbone.patch_embed.weight"])][0] == pytest.approx(rho ** (L + 1) * 0.2)
+    assert mult[id(named["backbone.patch_embed.proj.weight"])][0] == pytest.approx(rho ** (L + 1) * 0.2)
     assert mult[id(named["backbone.pos_embed"])][0] == pytest.approx(rho ** (L + 1))
     assert mult[id(named["backbone.mask_token"])][0] == pytest.approx(rho ** (L + 1))
     assert mult[id(named["backbone.norm.weight"])][:2] == (1.0, 0.0)

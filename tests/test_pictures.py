@@ -12,10 +12,12 @@ import dino
 import dinov2
 import eval as eval_lib
 import simdino
+import simdinov2
 import train
 
 METHODS = {"dino": (dino, dino.DINOConfig, dino.DINO), "simdino": (simdino, simdino.SimDINOConfig, simdino.SimDINO),
-           "dinov2": (dinov2, dinov2.DINOv2Config, dinov2.DINOv2)}
+           "dinov2": (dinov2, dinov2.DINOv2Config, dinov2.DINOv2),
+           "simdinov2": (simdinov2, simdinov2.SimDINOv2Config, simdinov2.SimDINOv2)}
 
 
 def checkpoint(tmp_path, name, flags=()):
@@ -23,13 +25,14 @@ def checkpoint(tmp_path, name, flags=()):
     cfg = train.config_cli(Config, module.PRESETS, list(flags))
     method = Method(cfg)
     path = tmp_path / f"{name}.pth"
-    train.save_checkpoint(path, {"method": method.state_dict(), "optimizer": {}, "step": 0,
+    train.save_checkpoint(path, {**train.split_state(method.state_dict()), "optimizer": {}, "step": 0,
                                  "config": json.loads(json.dumps(dataclasses.asdict(cfg)))})
     return str(path)
 
 
 @pytest.mark.parametrize("name, flags", [("dino", []), ("simdino", []),
-                                         ("dinov2", ["--num_register_tokens", "2", "--layerscale", "1e-5"])])
+                                         ("dinov2", ["--num_register_tokens", "2", "--layerscale", "1e-5"]),
+                                         ("simdinov2", [])])
 def test_pictures_are_written_for_each_method(name, flags, tmp_path, capsys):
     ckpt = checkpoint(tmp_path, name, flags)
     for command in ("attention", "pca"):
@@ -68,7 +71,7 @@ def test_wrong_checkpoints_are_one_line_errors(tmp_path):
     with pytest.raises(ValueError, match="cannot read checkpoint"):
         eval_lib.load_backbone(str(tmp_path / "text.pth"), torch.device("cpu"))
     torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pth")
-    with pytest.raises(ValueError, match="not a nanodino checkpoint"):
+    with pytest.raises(ValueError, match="holds no ViT backbone"):
         eval_lib.load_backbone(str(tmp_path / "other.pth"), torch.device("cpu"))
 
 

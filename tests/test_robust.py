@@ -137,7 +137,7 @@ class Injected(dino.DINO):
         if step == 3 and what == "loss":
             loss, logs["dino_loss"] = loss * float("nan"), float("nan")
         if step == 3 and what == "grad":  # finite loss, NaN gradient: 0 * d sqrt|x| / dx at 0
-            x = self.student.backbone.patch_embed.weight.sum() * 0
+            x = self.student.backbone.patch_embed.proj.weight.sum() * 0
             loss = loss + 0 * x.abs().sqrt()
         return loss, logs
 train.main(dino.DINOConfig, Injected, dino.PRESETS)
@@ -155,7 +155,7 @@ def test_non_finite_stops_with_one_line_and_keeps_the_last_good_checkpoint(what,
     if what == "loss":
         assert "non-finite loss (dino_loss = nan)" in lines[0]
     else:
-        assert "non-finite gradient in backbone.patch_embed.weight" in lines[0]
+        assert "non-finite gradient in backbone.patch_embed.proj.weight" in lines[0]
     assert final_state(out)["step"] == 3  # the state after step 2 (0-based), the last good one
 
 
