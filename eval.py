@@ -219,7 +219,8 @@ def logistic_regression(ftr, ytr, fte, yte, num_classes, weight_decays=(1e-6, 1e
     def fit(x, y, wd):
         W = torch.zeros(x.shape[1], num_classes, device=x.device, requires_grad=True)
         b = torch.zeros(num_classes, device=x.device, requires_grad=True)
-        opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
+        opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, max_eval=iters, history_size=20,
+                                line_search_fn="strong_wolfe")
 
         def closure():
             opt.zero_grad()

@@ -25,10 +25,15 @@ def short_run(tmp_path, module, Config, Method, epochs):
     return [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
 
 
-def test_simdino_learns(tmp_path, baselines):
+def test_simdino_learns(tmp_path, baselines, capsys):
     log = short_run(tmp_path, simdino, simdino.SimDINOConfig, simdino.SimDINO, epochs=2)
     assert log[-1]["train_loss"] < log[0]["train_loss"]
     assert log[-1]["knn_top1"] > max(baselines.values()) + 5, (log[-1]["knn_top1"], baselines)
+    # the linear probe (fast mode) on the same checkpoint is above the k-NN baselines too
+    capsys.readouterr()
+    eval_lib.main(["linear", "--fast", "--checkpoint", str(tmp_path / "checkpoint.pth"), "--device", "cpu"])
+    linear = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert linear["top1"] > max(baselines.values()) + 5, (linear, log[-1]["knn_top1"], baselines)
 
 
 def test_dinov2_learns(tmp_path, baselines):
