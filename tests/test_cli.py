@@ -105,7 +105,7 @@ def test_image_folder_training_and_knn_cli(tmp_path):
     result = json.loads(r.stdout.strip().splitlines()[-1])
     assert {"top1", "top5", "raw_pixels_top1", "random_vit_top1"} <= set(result)
     r = run(["eval.py", "knn", "--checkpoint", str(tmp_path / "nope.pth")])
-    assert r.returncode != 0 and "cannot read checkpoint" in r.stderr
+    assert r.returncode != 0 and "nope.pth does not exist" in r.stderr
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None and not os.path.exists(
