@@ -93,6 +93,18 @@ def math_attention(q, k, v):
 if triton is not None:
 
     @triton.jit
+    def _online_softmax_step(s, v, m, l, acc, PRECISION: tl.constexpr):
+        """FA-2 Algorithm 1, the body of the loop over key blocks: folds one block of scores
+        s = Sᵢⱼ·log₂e (B_r, B_c) and its values Vⱼ (B_c, d) into the running row max m (B_r,),
+        row sum ℓ (B_r,) and unnormalised output Õ (B_r, d). Returns the new (m, ℓ, Õ)."""
+        m_new = tl.maximum(m, tl.max(s, 1))  # m_new = max(m, rowmax(Sᵢⱼ))
+        p = tl.exp2(s - m_new[:, None])  # P̃ᵢⱼ = exp(Sᵢⱼ − m_new)
+        alpha = tl.exp2(m - m_new)  # exp(m − m_new): rescales what was summed so far
+        l = alpha * l + tl.sum(p, 1)  # ℓ = exp(m − m_new)·ℓ + rowsum(P̃ᵢⱼ)
+        acc = alpha[:, None] * acc + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)  # Õ
+        return m_new, l, acc
+
+    @triton.jit
     def _attn_fwd(Q, K, V, O, L, sb, sh, sn, H, N, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   PRECISION: tl.constexpr):
@@ -116,12 +128,7 @@ if triton is not None:
             v = tl.load(V + keys[:, None] * sn + dims[None, :], mask=keys[:, None] < N, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # Sᵢⱼ·log₂e
             s = tl.where(keys[None, :] < N, s, float("-inf"))  # keys past N do not exist
-            m_new = tl.maximum(m, tl.max(s, 1))  # m_new = max(m, rowmax(Sᵢⱼ))
-            p = tl.exp2(s - m_new[:, None])  # P̃ᵢⱼ = exp(Sᵢⱼ − m_new)
-            alpha = tl.exp2(m - m_new)  # exp(m − m_new): rescales what was summed so far
-            l = alpha * l + tl.sum(p, 1)  # ℓ = exp(m − m_new)·ℓ + rowsum(P̃ᵢⱼ)
-            acc = alpha[:, None] * acc + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m = m_new
+            m, l, acc = _online_softmax_step(s, v, m, l, acc, PRECISION)
         acc = acc / l[:, None]  # Oᵢ = Õ / ℓ
         tl.store(O + rows[:, None] * HEAD_DIM + dims[None, :], acc.to(O.dtype.element_ty),
                  mask=rows[:, None] < N)

@@ -1,0 +1,303 @@
+"""Classroom exercises: re-implement one piece of a method, checked by the project's own tests.
+
+    python exercises.py                 # the list
+    python exercises.py 3               # exercise 3: writes your copy (once), then runs its tests
+    python exercises.py 3 --show        # the statement only
+    python exercises.py 3 --reset       # start exercise 3 over (your copy is replaced)
+    python exercises.py 3 --solution    # the same tests on the project's own code
+    python exercises.py --verify        # every stub fails its tests, every solution passes (CI)
+
+`python exercises.py N` copies the project (its .py files and tests) to exercises/NN_name/ with
+the body of one function replaced by `raise NotImplementedError`; its docstring stays. Write the
+body there, in place, and run the same command again until the tests pass. The copy is a whole
+project: `cd exercises/01_dino_loss && python dino.py` trains with your code. docs/READING.md
+says what to read before each exercise.
+"""
+import argparse
+import ast
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+COPIED = ("*.py", "kernels/*.py", "tests/*.py")   # what a student copy holds
+
+
+@dataclass
+class Exercise:
+    name: str
+    path: str            # file, relative to the project root
+    function: str        # qualified name in that file: "f" or "Class.method"
+    reference: str       # where the paper writes it
+    statement: str       # what to implement, with the shapes
+    tests: tuple         # pytest node ids that fail on the stub and pass on the solution
+
+
+EXERCISES = [
+    Exercise("dino_loss", "dino.py", "cross_entropy_pairs", "DINO Eq. 3 and Algorithm 1",
+             "The multi-crop cross-entropy: for each teacher global view t (2) and each student view "
+             "s ≠ t (V), the batch mean of H(P_t, P_s) = −Σ_k P_t·log P_s with P_s = softmax(s/τ_s), "
+             "averaged over the 2V−2 pairs. student_out (V·B, K) logits, views stacked; "
+             "teacher_probs (2·B, K), already centred and sharpened; returns a scalar. "
+             "No gradient may reach the teacher.",
+             ("tests/test_dino.py::test_dino_loss_matches_the_paper_formula",
+              "tests/test_dino.py::test_dino_loss_skips_same_view_pairs",
+              "tests/test_dino.py::test_teacher_gets_no_gradient_and_student_does")),
+    Exercise("center", "dino.py", "update_center", "DINO Eq. 4",
+             "The centre's EMA: C ← m·C + (1−m)·(1/B)·Σᵢ g_θt(xᵢ), the mean over the global batch, "
+             "i.e. summed over all ranks with dist.all_reduce_sum and divided by the batch of all "
+             "ranks. center (1, K), teacher_out (n, K); returns the new centre (1, K), in fp32.",
+             ("tests/test_dino.py::test_center_update",
+              "tests/test_dino.py::test_step_updates_center_and_returns_logs")),
+    Exercise("ema", "train.py", "ema_update", "DINO §3.1, teacher network",
+             "The momentum teacher: θ_t ← λ·θ_t + (1−λ)·θ_s for every parameter, in place, without "
+             "autograd. student, teacher: two modules with the same parameters; λ = momentum.",
+             ("tests/test_train.py::test_ema_update",)),
+    Exercise("cosine_schedule", "train.py", "cosine_schedule", "DINO §3.2 (implementation details); official "
+             "utils.cosine_scheduler",
+             "The value of a schedule at one step: a linear warm-up from warmup_start to base over "
+             "warmup_steps (np.linspace endpoints: step warmup_steps−1 is exactly base), then a half "
+             "cosine from base to final over the remaining steps: "
+             "final + ½·(base − final)·(1 + cos(π·t/T)). Returns a float.",
+             ("tests/test_train.py::test_cosine_schedule_matches_official",
+              "tests/test_train.py::test_schedules_scale_lr_with_batch")),
+    Exercise("multicrop_forward", "dino.py", "MultiCropNet.forward", "DINO §3.1, multi-crop; "
+             "official MultiCropWrapper",
+             "One backbone forward per run of consecutive crops of the same size (the 2 global crops "
+             "together, then the local crops together), then one head forward on all CLS "
+             "features. crops: list of V tensors (B, 3, S, S); returns (V·B, K), views in order.",
+             ("tests/test_dino.py::test_multicrop_forward_groups_by_resolution",
+              "tests/test_dino.py::test_step_updates_center_and_returns_logs")),
+    Exercise("pos_embed", "vit.py", "VisionTransformer.interpolate_pos_encoding",
+             "DINO §3.2 / official interpolate_pos_encoding",
+             "The learned position embedding (1, 1 + side², D) resized to an h×w patch grid: the "
+             "class token's embedding unchanged, the side×side grid resized bicubically (with "
+             "self.interpolate_offset added to the target size in the scale factor, or the exact "
+             "size when it is 0; antialias = self.interpolate_antialias). Returns (1, 1 + h·w, D).",
+             ("tests/test_vit.py::test_pos_embed_interpolation",
+              "tests/test_vit.py::test_output_shapes_at_any_input_size")),
+    Exercise("alignment", "simdino.py", "alignment", "SimDINO: the alignment term of the SimDINO loss "
+             "(official MCRLoss)",
+             "The alignment term: the mean cosine similarity between teacher global view t and "
+             "student view s ≠ t, averaged over the batch and over the 2V−2 pairs. "
+             "student_out (V·B, d), teacher_out (2·B, d); returns a scalar; the teacher gets no "
+             "gradient.",
+             ("tests/test_simdino.py::test_alignment_matches_the_formula_and_skips_same_view",
+              "tests/test_simdino.py::test_teacher_features_get_no_gradient")),
+    Exercise("expansion", "simdino.py", "expansion", "SimDINO: the γ·R_ε term of the SimDINO loss",
+             "The expansion term γ·R over the two global views: Z = the student's global features "
+             "(2, B, d), or with expa_type 1 their mean with the (detached) teacher's; R = "
+             "coding_rate(Z, eps, reduce_cov), averaged over the 2 views; γ = (d + N·m)/(d·N·m) "
+             "with N·m = world_size·B. Returns (γ·R, R).",
+             ("tests/test_simdino.py::test_expansion_gamma_and_expa_type",
+              "tests/test_simdino.py::test_step_loss_is_the_sum_of_its_logged_terms")),
+    Exercise("coding_rate", "kernels/coding_rate.py", "_CodingRate.forward", "SimDINO: the coding rate R_ε "
+             "(MCR², Yu et al. 2020)",
+             "R = ½·logdet(I + α·G) per leading index of Z (..., n, d), by Cholesky: M = L·Lᵀ, "
+             "½·logdet M = Σ log Lᵢᵢ. G = Z·Zᵀ (n×n, Sylvester) when n < d and not reduce_cov, "
+             "else Zᵀ·Z (d×d), all-reduced when reduce_cov. Raise ValueError on non-finite input "
+             "or a failed factorisation. Save Z and L, and set ctx.alpha, ctx.n_side, "
+             "ctx.reduce_cov for the backward. Returns R (...).",
+             ("tests/test_coding_rate.py::test_value_and_gradient_match_logdet_reference",
+              "tests/test_coding_rate.py::test_sylvester_side_equals_d_side",
+              "tests/test_coding_rate.py::test_rank_one_input_is_finite",
+              "tests/test_coding_rate.py::test_non_finite_input_raises")),
+    Exercise("coding_rate_backward", "kernels/coding_rate.py", "_CodingRate.backward",
+             "d(½·logdet M) = ½·tr(M⁻¹·dM); kernels/coding_rate.py docstring",
+             "The analytic gradient, one cholesky_solve against the saved L: dR/dZ = α·Z·M⁻¹ "
+             "(d×d side) or α·M⁻¹·Z (n×n side), times the incoming g (...) broadcast over the "
+             "last two dims; with reduce_cov, g is first summed over ranks. Returns (dZ, None, None).",
+             ("tests/test_coding_rate.py::test_gradcheck_analytic_backward",
+              "tests/test_coding_rate.py::test_value_and_gradient_match_logdet_reference")),
+    Exercise("online_softmax", "kernels/attention.py", "_online_softmax_step",
+             "FlashAttention-2 (Dao 2023) Algorithm 1, the loop over key blocks",
+             "One step of the online softmax, in Triton (runs in its CPU interpreter): given the "
+             "scores s = Sᵢⱼ·log₂e (B_r, B_c), the values v (B_c, d), the running row max m (B_r,), "
+             "row sum ℓ (B_r,) and unnormalised output Õ (B_r, d), return the new (m, ℓ, Õ). "
+             "Use tl.exp2 (scores are in base 2) and tl.dot(p.to(v.dtype), v, "
+             "input_precision=PRECISION).",
+             ("tests/test_attention.py::test_triton_interpreted_matches_math_out_and_grads",)),
+    Exercise("sinkhorn_knopp", "dinov2.py", "sinkhorn_knopp", "DINOv2 §4, Sinkhorn-Knopp centering "
+             "(SwAV, Caron et al. 2020)",
+             "Teacher targets: Q = exp(logits/τ_t)ᵀ (K, n), normalised to total mass 1, then "
+             "n_iterations times: each prototype row to mass 1/K, each sample column to 1/B; every "
+             "sum over samples all-reduced (B counts all ranks). logits (n, K); returns (n, K) "
+             "with rows summing to 1.",
+             ("tests/test_dinov2.py::test_sinkhorn_knopp_marginals",)),
+    Exercise("koleo", "dinov2.py", "koleo_loss", "DINOv2 §4, KoLeo regularizer "
+             "(Sablayrolles et al. 2019)",
+             "L_koleo = −(1/n)·Σᵢ log(d_n,i), d_n,i = ‖xᵢ − x_nn(i)‖ the distance to the nearest "
+             "other point, on L2-normalised x (n, D), in fp32, eps as PairwiseDistance. "
+             "Returns a scalar.",
+             ("tests/test_dinov2.py::test_koleo_against_its_formula",)),
+    Exercise("block_mask", "data.py", "block_mask", "DINOv2 §4, patch-level objective (iBOT's "
+             "masking, BEiT's blockwise masking)",
+             "An (h, w) bool mask of about n_mask patches made of random rectangles: area uniform in "
+             "[min_patches, room], log-aspect uniform in [log min_aspect, −log min_aspect], a "
+             "rectangle kept only when it adds 1..room new patches, 10 tries per block, stop when "
+             "none fits. All randomness from the generator g.",
+             ("tests/test_dinov2.py::test_block_masks_stay_in_bounds",
+              "tests/test_dinov2.py::test_blocks_have_the_official_aspect_bounds")),
+    Exercise("ibot_loss", "dinov2.py", "ibot_loss", "DINOv2 §4, patch-level objective",
+             "L_iBOT over the masked patches: −Σ_masked w·Σ_k P_t·log P_s with P_s = "
+             "softmax(s/τ_s), w = 1/#masked patches of the patch's image, divided by n_images. "
+             "student_patch_out (M, K) logits, teacher_patch_probs (M, K), weights (M,). Scalar.",
+             ("tests/test_dinov2.py::test_ibot_loss_against_a_transcription",)),
+    Exercise("patch_alignment", "simdinov2.py", "patch_alignment", "SimDINO: SimDINOv2's patch term",
+             "SimDINOv2's patch term: the cosine similarity between student and (detached) teacher "
+             "head outputs at each masked patch, weighted by w = 1/#masked of its image, summed and "
+             "divided by n_images. student/teacher_patch_out (M, d), weights (M,). Scalar.",
+             ("tests/test_simdinov2.py::test_patch_loss_against_a_transcription",
+              "tests/test_simdinov2.py::test_step_is_cls_loss_plus_patch_loss")),
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stubs: the function's body replaced, its signature, decorators and docstring kept.
+
+def find_function(tree, qualname):
+    """The FunctionDef of `qualname` ("f" or "Class.method"), also inside `if` blocks."""
+    def search(body, parts):
+        for node in body:
+            if isinstance(node, ast.If):
+                found = search(node.body + node.orelse, parts)
+                if found:
+                    return found
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == parts[0]:
+                return node if len(parts) == 1 else search(node.body, parts[1:])
+        return None
+    node = search(tree.body, qualname.split("."))
+    if not isinstance(node, ast.FunctionDef):
+        raise LookupError(f"no function {qualname}")
+    return node
+
+
+def stub_source(source, ex, number):
+    """The file's source with ex.function's body (after its docstring) replaced by a raise."""
+    fn = find_function(ast.parse(source), ex.function)
+    body = fn.body
+    has_doc = isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+        and isinstance(body[0].value.value, str)
+    first = body[1] if has_doc and len(body) > 1 else body[0] if not has_doc else None
+    lines = source.splitlines(keepends=True)
+    indent = " " * (first.col_offset if first else body[0].col_offset)
+    stub = (f"{indent}# Exercise {number} ({ex.name}): write this body. `python exercises.py {number} --show`\n"
+            f"{indent}raise NotImplementedError(\"exercise {number}: {ex.function} is yours to write\")\n")
+    start = first.lineno - 1 if first else fn.end_lineno   # 0-based first line of the body
+    return "".join(lines[:start]) + stub + "".join(lines[fn.end_lineno:])
+
+
+def copy_project(dest):
+    for pattern in COPIED:
+        for src in glob.glob(os.path.join(ROOT, pattern)):
+            rel = os.path.relpath(src, ROOT)
+            os.makedirs(os.path.join(dest, os.path.dirname(rel)), exist_ok=True)
+            shutil.copy2(src, os.path.join(dest, rel))
+
+
+def make_student_copy(number, dest):
+    ex = EXERCISES[number - 1]
+    copy_project(dest)
+    with open(os.path.join(ROOT, ex.path), encoding="utf-8") as f:
+        source = f.read()
+    with open(os.path.join(dest, ex.path), "w", encoding="utf-8") as f:
+        f.write(stub_source(source, ex, number))
+
+
+def run_tests(tests, cwd, quiet=False):
+    """pytest on the given node ids inside `cwd`; returns (passed, output)."""
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *tests]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}   # the copy's modules, not ours
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=quiet, text=True)
+    return proc.returncode == 0, (proc.stdout or "") + (proc.stderr or "")
+
+
+# ----------------------------------------------------------------------------------------------
+# Commands
+
+def describe(number):
+    ex = EXERCISES[number - 1]
+    return (f"Exercise {number}: {ex.name} — {ex.path}:{ex.function}\n"
+            f"Paper: {ex.reference}\n\n{ex.statement}\n\nTests: {' '.join(ex.tests)}")
+
+
+def student_dir(number):
+    return os.path.join(ROOT, "exercises", f"{number:02d}_{EXERCISES[number - 1].name}")
+
+
+def verify_one(number):
+    """(every test of the exercise fails on the stub, with its NotImplementedError; why not)."""
+    ex = EXERCISES[number - 1]
+    with tempfile.TemporaryDirectory() as tmp:
+        make_student_copy(number, tmp)
+        stub_passed, out = run_tests(ex.tests, tmp, quiet=True)
+    summary = out.strip().splitlines()[-1] if out.strip() else ""
+    if stub_passed or " passed" in summary:       # every one of its tests must fail on the stub
+        return False, f"a test passes on the stub: {summary}"
+    if f"exercise {number}:" not in out:
+        return False, f"the stub fails for another reason:\n{out[-2000:]}"
+    return True, ""
+
+
+def verify(numbers):
+    """Every stub fails its tests (with its own NotImplementedError); all solutions pass."""
+    with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        results = list(pool.map(verify_one, numbers))
+    tests = sorted({t for n in numbers for t in EXERCISES[n - 1].tests})
+    with tempfile.TemporaryDirectory() as tmp:
+        copy_project(tmp)
+        solutions_pass, out = run_tests(tests, tmp, quiet=True)
+    failures = [f"exercise {n} ({EXERCISES[n - 1].name}): {why}" for n, (ok, why) in zip(numbers, results) if not ok]
+    if not solutions_pass:
+        failures.append(f"the solutions fail their tests:\n{out[-3000:]}")
+    return failures
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("number", nargs="?", type=int, help="the exercise (1..%d)" % len(EXERCISES))
+    p.add_argument("--show", action="store_true", help="print the statement only")
+    p.add_argument("--reset", action="store_true", help="replace your copy by a fresh stub")
+    p.add_argument("--solution", action="store_true", help="run the tests on the project's own code")
+    p.add_argument("--verify", action="store_true", help="check every exercise: stub fails, solution passes")
+    args = p.parse_args(argv)
+
+    if args.verify:
+        failures = verify(range(1, len(EXERCISES) + 1))
+        print("\n".join(failures) or f"all {len(EXERCISES)} exercises: the stub fails, the solution passes")
+        return 1 if failures else 0
+    if args.number is None:
+        for i, ex in enumerate(EXERCISES, 1):
+            print(f"{i:3d}  {ex.name:22s} {ex.path + ':' + ex.function:48s} {ex.reference}")
+        print("\npython exercises.py N    writes exercises/NN_name/ (once) and runs exercise N's tests there")
+        return 0
+    if not 1 <= args.number <= len(EXERCISES):
+        p.error(f"no exercise {args.number}: choose 1..{len(EXERCISES)}")
+    n, ex = args.number, EXERCISES[args.number - 1]
+    if args.show:
+        print(describe(n))
+        return 0
+    if args.solution:
+        return 0 if run_tests(ex.tests, ROOT)[0] else 1
+    dest = student_dir(n)
+    if args.reset and os.path.isdir(dest):
+        shutil.rmtree(dest)
+    if not os.path.isdir(dest):
+        make_student_copy(n, dest)
+        print(describe(n))
+        print(f"\nYour copy: {os.path.relpath(dest)}/ — write the body of {ex.function} in "
+              f"{os.path.relpath(os.path.join(dest, ex.path))}, then run this command again.\n")
+    passed = run_tests(ex.tests, dest)[0]
+    print(f"\nexercise {n} ({ex.name}): " + ("solved — the tests pass" if passed else
+          f"not yet — edit {os.path.relpath(os.path.join(dest, ex.path))} and run `python exercises.py {n}` again"))
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
