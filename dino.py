@@ -9,8 +9,10 @@ two global crops; the student sees all crops. Collapse is avoided by centring (s
 mean C of the teacher's outputs) and sharpening (a low teacher temperature). The step reads:
 teacher forward → student forward → cross-entropy over crop pairs → centre update.
 
-Symbols (one notation across the four method files; DINO paper, §3.1 and Algorithm 1):
+Symbols (one notation across the four method files, docs/READING.md; DINO paper §3.1, arXiv v2):
     x₁, x₂          the two global crops; x' the local crops      crops[:2], crops[2:]
+    V               number of crops (2 + local)                   len(crops)
+    B; W; n = W·B   batch per process; processes; global batch    cfg.batch_size_per_gpu; dist.world_size()
     g_θs, g_θt      student, teacher (backbone + head)            self.student, self.teacher
     K               number of prototypes (head output dim)        cfg.out_dim
     P_s, P_t        softmax outputs of student and teacher        log_softmax / softmax in dino_loss
@@ -18,8 +20,14 @@ Symbols (one notation across the four method files; DINO paper, §3.1 and Algori
     C               centre of the teacher outputs                 self.center
     m               centre momentum                               cfg.center_momentum
     λ               teacher EMA momentum (cosine 0.996 → 1)       cfg.momentum_teacher
-    V               number of crops (2 + local)                   len(crops)
-    B               batch per GPU                                 cfg.batch_size_per_gpu
+
+Equations (DINO paper):
+    Eq. 1   P_s(x)⁽ⁱ⁾ = exp(g_θs(x)⁽ⁱ⁾/τ_s) / Σ_k exp(g_θs(x)⁽ᵏ⁾/τ_s)          cross_entropy_pairs
+    Eq. 2   H(a, b) = −a·log b                                                cross_entropy_pairs
+    Eq. 3   Σ_{x ∈ {x₁, x₂}} Σ_{x' ∈ V, x' ≠ x} H(P_t(x), P_s(x'))             cross_entropy_pairs
+    §3.1    P_t(x) = softmax((g_θt(x) − C)/τ_t)  (centring, sharpening)      dino_loss
+    Eq. 4   C ← m·C + (1−m)·(1/n)·Σᵢ g_θt(xᵢ)                                 update_center
+    §3.1    θ_t ← λ·θ_t + (1−λ)·θ_s                                           train.ema_update
 
 Commands:
     python dino.py                                       # default CPU run on synthetic data (~10 min)
@@ -48,6 +56,8 @@ class DINOConfig(train_lib.TrainConfig):
                                        "(official: false is better for ViT-S but can be unstable)")
     use_bn_in_head: bool = flag(False, "BatchNorm in the head's MLP (official flag; per process, not "
                                        "synchronised, under torchrun)")
+    # DINO §3.2: "τ_s is set to 0.1 while we use a linear warm-up for τ_t from 0.04 to 0.07 during
+    # the first 30 epochs"; main_dino.py's defaults keep τ_t at 0.04 (no warm-up), as here.
     warmup_teacher_temp: float = flag(0.04, "initial τ_t, linearly warmed up to --teacher_temp")
     teacher_temp: float = flag(0.04, "final τ_t; above 0.07 is unstable")
     warmup_teacher_temp_epochs: int = flag(0, "epochs of the τ_t warm-up (paper: 30)")
@@ -83,7 +93,8 @@ PRESETS = {
 
 class WeightNormLinear(nn.Module):
     """Linear layer without bias whose rows are w_k = g_k · v_k / ‖v_k‖ (Salimans & Kingma 2016):
-    the K prototypes. With norm_last_layer, g is fixed at 1 (unit-norm prototypes)."""
+    the K prototypes (DINO §3.1, "Network architecture": "a weight normalized fully connected layer
+    with K dimensions"). With norm_last_layer, g is fixed at 1 (unit-norm prototypes)."""
 
     def __init__(self, in_dim, out_dim, train_g=False):
         super().__init__()
@@ -93,11 +104,12 @@ class WeightNormLinear(nn.Module):
         self.weight_g = nn.Parameter(torch.ones(out_dim, 1), requires_grad=train_g)
 
     def forward(self, x):
-        return F.linear(x, self.weight_g * F.normalize(self.weight_v, dim=1))
+        return F.linear(x, self.weight_g * F.normalize(self.weight_v, dim=1))  # w_k = g_k·v_k/‖v_k‖
 
 
 def head_mlp(in_dim, hidden_dim, out_dim, use_bn=False):
-    """The DINO head's 3-layer MLP (Linear-GELU-Linear-GELU-Linear, BatchNorm after the first two
+    """The DINO head's 3-layer MLP (DINO §3.1 and App. C: hidden 2048, then a bottleneck of 256;
+    Linear-GELU-Linear-GELU-Linear, BatchNorm after the first two
     Linear layers with `use_bn`), official init: trunc-normal weights (std 0.02), zero biases.
     SimDINO's head is this MLP alone."""
     layers = []
@@ -120,12 +132,13 @@ class DINOHead(nn.Module):
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, train_g=not norm_last_layer)
 
     def forward(self, x):
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1))
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))  # §3.1: MLP → ℓ2-normalise → K prototypes
 
 
 class MultiCropNet(nn.Module):
     """backbone + head over a list of crops: one backbone forward per run of same-size crops
-    (2 global, then the locals), one head forward on all CLS tokens. -> (V·B, K)."""
+    (2 global, then the locals), one head forward on all CLS tokens. -> (V·B, K).
+    DINO §3.1, multi-crop; the official MultiCropWrapper."""
 
     def __init__(self, backbone, head):
         super().__init__()
@@ -146,11 +159,11 @@ class MultiCropNet(nn.Module):
 # Loss
 
 def dino_loss(student_out, teacher_out, center, student_temp, teacher_temp):
-    """DINO Eq. 1 / Algorithm 1: H(P_t, P_s) summed over all pairs (teacher global view, student
+    """DINO Eq. 3 / Algorithm 1: H(P_t, P_s) summed over all pairs (teacher global view, student
     view) except a view with itself, averaged over the 2V−2 pairs.
 
     student_out: (V·B, K) logits of all V crops; teacher_out: (2·B, K) of the 2 global crops."""
-    pt = ((teacher_out.float() - center) / teacher_temp).softmax(dim=-1)  # P_t, centred and sharpened
+    pt = ((teacher_out.float() - center) / teacher_temp).softmax(dim=-1)  # §3.1: P_t = softmax((g_θt − C)/τ_t)
     return cross_entropy_pairs(student_out, pt, student_temp)
 
 
@@ -158,16 +171,16 @@ def cross_entropy_pairs(student_out, teacher_probs, student_temp):
     """Mean over the pairs (teacher global view t, student view s ≠ t) of the batch mean of
     H(P_t, P_s) = −Σ_k P_t log P_s, with P_s = softmax(student_out / τ_s). teacher_probs: (2·B, K)."""
     V = student_out.shape[0] // (teacher_probs.shape[0] // 2)
-    log_ps = (student_out.float() / student_temp).log_softmax(dim=-1).chunk(V)   # log P_s
+    log_ps = (student_out.float() / student_temp).log_softmax(dim=-1).chunk(V)   # Eq. 1: log P_s, V x (B, K)
     pt = teacher_probs.detach().chunk(2)
     total, pairs = 0.0, 0
     for t, p in enumerate(pt):
         for s, log_p in enumerate(log_ps):
             if s == t:  # the same view: skipped
                 continue
-            total = total + (-p * log_p).sum(dim=-1).mean()
+            total = total + (-p * log_p).sum(dim=-1).mean()   # Eq. 2: H(P_t, P_s) = −Σ_k P_t·log P_s
             pairs += 1
-    return total / pairs
+    return total / pairs                                          # Eq. 3, averaged over the 2V−2 pairs
 
 
 @torch.no_grad()
@@ -175,7 +188,7 @@ def update_center(center, teacher_out, momentum):
     """DINO Eq. 4: C ← m·C + (1−m)·mean of the teacher outputs over the global batch (all ranks)."""
     batch_sum = dist.all_reduce_sum(teacher_out.float().sum(dim=0, keepdim=True))
     batch_center = batch_sum / (teacher_out.shape[0] * dist.world_size())
-    return center * momentum + batch_center * (1 - momentum)
+    return center * momentum + batch_center * (1 - momentum)    # Eq. 4: C ← m·C + (1−m)·(1/n)·Σᵢ g_θt(xᵢ)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -221,7 +234,8 @@ class DINO(nn.Module):
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))  # C
 
     def teacher_temp(self, step):
-        """τ_t: linear warm-up from warmup_teacher_temp over warmup_teacher_temp_epochs (per epoch)."""
+        """τ_t: linear warm-up from warmup_teacher_temp over warmup_teacher_temp_epochs (per epoch;
+        DINO §3.2: 0.04 → 0.07 over the first 30 epochs)."""
         epoch = step // self.steps_per_epoch
         return train_lib.linear_warmup_epochs(epoch, self.cfg.warmup_teacher_temp, self.cfg.teacher_temp,
                                               self.cfg.warmup_teacher_temp_epochs)
@@ -229,11 +243,11 @@ class DINO(nn.Module):
     def forward(self, crops, step):
         cfg = self.cfg
         with torch.no_grad():
-            teacher_out = self.teacher(crops[:2])      # (2·B, K): global crops only
+            teacher_out = self.teacher(crops[:2])      # (2·B, K): global crops only (§3.1)
         student_out = self.student(crops)              # (V·B, K): all crops
         tau_t = self.teacher_temp(step)
-        loss = dino_loss(student_out, teacher_out, self.center, cfg.student_temp, tau_t)
-        self.center.copy_(update_center(self.center, teacher_out, cfg.center_momentum))
+        loss = dino_loss(student_out, teacher_out, self.center, cfg.student_temp, tau_t)   # Eq. 3
+        self.center.copy_(update_center(self.center, teacher_out, cfg.center_momentum))  # Eq. 4
         return loss, {"dino_loss": loss.item(), "teacher_temp": tau_t}
 
     def param_groups(self):

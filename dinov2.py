@@ -16,8 +16,10 @@ the cross-entropy over crop pairs on the CLS token, centring. What it adds (writ
 The step reads: masks → teacher forward (CLS + masked patches) → centre / Sinkhorn–Knopp →
 one student forward → DINO + KoLeo + iBOT losses.
 
-Symbols (one notation across the four method files):
+Symbols (one notation across the four method files, docs/READING.md; DINOv2 paper §4, arXiv v2,
+whose equations are not numbered: cited by the name of their paragraph):
     x₁, x₂, x'        global crops, local crops                  crops[:2], crops[2:]
+    B; n              batch per process; the global batch        cfg.batch_size_per_gpu
     M                 block masks of the global crops (2B, N)    masks
     u                 the learned mask token                     backbone.mask_token
     P_t, P_s          teacher / student softmax outputs          teacher_probs, log_softmax
@@ -26,6 +28,13 @@ Symbols (one notation across the four method files):
     w_i               1 / (number of masked patches of image i)  weights in ibot_loss
     λ_KoLeo, λ_iBOT   loss weights                               cfg.koleo_loss_weight, cfg.ibot_loss_weight
     ρ                 layer-wise lr decay                        cfg.layerwise_decay
+
+Equations (DINOv2 §4):
+    image-level objective   ℒ_DINO = −Σ p_t·log p_s  (DINO Eq. 3 on the CLS)    dino.cross_entropy_pairs
+    patch-level objective   ℒ_iBOT = −Σᵢ p_ti·log p_si, i the masked patches  ibot_loss
+    KoLeo regularizer       ℒ_koleo = −(1/n)·Σᵢ log d_n,i, d_n,i = min_{j≠i} ‖xᵢ − xⱼ‖   koleo_loss
+    Sinkhorn-Knopp centering  (SwAV) 3 iterations                          sinkhorn_knopp
+    total                   ℒ_DINO + λ_KoLeo·ℒ_koleo + λ_iBOT·ℒ_iBOT          DINOv2.forward
 
 Commands:
     python dinov2.py                                     # default CPU run on synthetic data (~10 min)
@@ -101,26 +110,29 @@ PRESETS = {
 # The losses DINOv2 adds
 
 def koleo_loss(x, eps=1e-8):
-    """KoLeo (Sablayrolles et al. 2019): −mean_i log ‖x_i − x_nn(i)‖ on L2-normalised x (B, D),
+    """DINOv2 §4, "KoLeo regularizer" (Sablayrolles et al. 2019): ℒ_koleo = −(1/n)·Σᵢ log d_n,i,
+    d_n,i = ‖x_i − x_nn(i)‖ on L2-normalised x (B, D),
     nn(i) the nearest other point; in fp32 (official KoLeoLoss, PairwiseDistance's eps included)."""
     x = F.normalize(x.float(), dim=-1, eps=eps)
     dots = x @ x.T
     dots.fill_diagonal_(-1)                       # never one's own neighbour
-    nn_index = dots.argmax(dim=1)
-    distance = (x - x[nn_index] + eps).norm(dim=-1)
-    return -torch.log(distance + eps).mean()
+    nn_index = dots.argmax(dim=1)                 # nearest = largest dot product on the sphere
+    distance = (x - x[nn_index] + eps).norm(dim=-1)   # d_n,i = min_{j≠i} ‖xᵢ − xⱼ‖
+    return -torch.log(distance + eps).mean()          # ℒ_koleo = −(1/n)·Σᵢ log d_n,i
 
 
 def ibot_loss(student_patch_out, teacher_patch_probs, weights, n_images, student_temp):
-    """iBOT on the masked patches: −Σ_i w_i Σ_k P_t log P_s, over all masked patches of all global
-    crops, divided by the number of global crops n_images (official iBOTPatchLoss.forward_masked)."""
-    log_ps = (student_patch_out.float() / student_temp).log_softmax(dim=-1)
-    return -(weights * (teacher_patch_probs * log_ps).sum(dim=-1)).sum() / n_images
+    """DINOv2 §4, "Patch-level objective": ℒ_iBOT = −Σᵢ p_ti·log p_si over the masked patches i of
+    all global crops, each weighted w = 1/#masked of its image, divided by the number of global
+    crops n_images (official iBOTPatchLoss.forward_masked)."""
+    log_ps = (student_patch_out.float() / student_temp).log_softmax(dim=-1)              # log p_s, (M, K)
+    return -(weights * (teacher_patch_probs * log_ps).sum(dim=-1)).sum() / n_images   # −Σᵢ wᵢ·Σ_k p_ti·log p_si
 
 
 @torch.no_grad()
 def sinkhorn_knopp(logits, teacher_temp, n_iterations=3):
-    """Teacher targets by Sinkhorn–Knopp (SwAV; DINOv2): Q = exp(logits/τ_t) normalised so that
+    """DINOv2 §4, "Sinkhorn-Knopp centering" (SwAV, Caron et al. 2020; 3 iterations): teacher
+    targets Q = exp(logits/τ_t) normalised so that
     each of the K prototypes gets 1/K of the mass of the global batch and each sample sums to 1.
     logits (n, K) on this rank; sums are all-reduced, so the marginals hold over all ranks. fp32."""
     Q = torch.exp(logits.float() / teacher_temp).T                  # (K, n)
@@ -267,9 +279,9 @@ class DINOv2(nn.Module):
             p_patch = sinkhorn_knopp(t_patch, tau_t)
 
         s_cls, s_patch, s_cls_backbone = self.student(global_crops, local_crops, masks)
-        dino_term = dino.cross_entropy_pairs(s_cls, p_cls, cfg.student_temp)
-        koleo = sum(koleo_loss(x) for x in s_cls_backbone.chunk(2))  # per global crop, not across them
-        ibot = ibot_loss(s_patch, p_patch, weights, 2 * B, cfg.student_temp)
+        dino_term = dino.cross_entropy_pairs(s_cls, p_cls, cfg.student_temp)   # §4 image-level: ℒ_DINO
+        koleo = sum(koleo_loss(x) for x in s_cls_backbone.chunk(2))  # §4 ℒ_koleo, per global crop, not across them
+        ibot = ibot_loss(s_patch, p_patch, weights, 2 * B, cfg.student_temp)   # §4 patch-level: ℒ_iBOT
         loss = dino_term + cfg.koleo_loss_weight * koleo + cfg.ibot_loss_weight * ibot
         return loss, {"dino_loss": dino_term.item(), "koleo_loss": koleo.item(), "ibot_loss": ibot.item(),
                       "teacher_temp": tau_t}

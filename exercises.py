@@ -259,8 +259,8 @@ def verify(numbers):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("number", nargs="?", type=int, help="the exercise (1..%d)" % len(EXERCISES))
     p.add_argument("--show", action="store_true", help="print the statement only")
     p.add_argument("--reset", action="store_true", help="replace your copy by a fresh stub")

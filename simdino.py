@@ -13,19 +13,28 @@ two explicit terms (paper Eq. 6 / Algorithm 1):
 
     loss = −coeff · alignment − γ · R
 
+The SimDINO paper's text was not available offline when these lines were written: its terms are
+cited by name with their expression, not by equation number (docs/READING.md).
+
 Everything else (multi-crop, EMA teacher, optimiser, schedules, the loop) is DINO's, imported.
 
-Symbols (one notation across the four method files; SimDINO paper §3):
-    z = f(x)        L2-normalised head output of a view, d-dim     student_out, teacher_out
+Symbols (one notation across the four method files, docs/READING.md):
     x₁, x₂          the two global crops; x' the local crops        crops[:2], crops[2:]
     V               number of crops (2 + local)                     len(crops)
+    B; W; n = W·B   batch per process; processes; global batch      cfg.batch_size_per_gpu; dist.world_size()
+    z_s, z_t        L2-normalised head outputs of student, teacher  student_out, teacher_out
     d               feature dimension (head bottleneck)             cfg.head_bottleneck_dim
-    m               batch per rank; N the world size                cfg.batch_size_per_gpu
     ε²              the paper's quantisation error; the official    cfg.eps
                     code's `--eps` stands where ε² is, so R below uses it as is
-    R_ε(Z)          ½·logdet(I + d/(N·m·ε²)·ZᵀZ), Z the (N·m, d) batch   kernels.coding_rate
-    γ               (d + N·m)/(d·N·m), balances the two terms      gamma in expansion()
+    R_ε(Z)          ½·logdet(I + d/(n·ε²)·ZᵀZ), Z the (n, d) batch  kernels.coding_rate
+    γ               (d + n)/(d·n), balances the two terms          gamma in expansion()
     coeff           weight of the alignment term                    cfg.coeff
+
+Terms of the SimDINO loss:
+    alignment   (1/(2V−2))·Σ_{t ∈ {x₁, x₂}} Σ_{s ≠ t} mean_batch cos(z_t, z_s)
+                (= 1 − ½·‖z_t − z_s‖², the paper's squared distance, on unit vectors)   alignment
+    expansion   γ·R_ε(Z), averaged over the two global views                          expansion
+    loss        −coeff·alignment − γ·R_ε                                              SimDINO.forward
 
 Commands:
     python simdino.py                                    # default CPU run on synthetic data (~10 min)
@@ -104,9 +113,9 @@ def alignment(student_out, teacher_out):
         for s, z_s in enumerate(zs):
             if s == t:  # the same view: skipped
                 continue
-            total = total + F.cosine_similarity(z_t, z_s, dim=-1).mean()
+            total = total + F.cosine_similarity(z_t, z_s, dim=-1).mean()   # cos(z_t, z_s) = 1 − ½·‖z_t − z_s‖²
             pairs += 1
-    return total / pairs
+    return total / pairs                                                    # over the 2V−2 pairs, as DINO Eq. 3
 
 
 def expansion(student_out, teacher_out, eps, expa_type=1, reduce_cov=False):
@@ -118,9 +127,9 @@ def expansion(student_out, teacher_out, eps, expa_type=1, reduce_cov=False):
     z = student_out[:2 * B].view(2, B, d)
     if expa_type == 1:
         z = (z + teacher_out.detach().view(2, B, d)) / 2
-    R = coding_rate(z, eps, reduce_cov=reduce_cov).mean()    # (2,) per view -> mean
-    Nm = dist.world_size() * B                                 # N·m, the global batch
-    gamma = (d + Nm) / (d * Nm)
+    R = coding_rate(z, eps, reduce_cov=reduce_cov).mean()    # R_ε(Z) = ½·logdet(I + d/(n·ε²)·ZᵀZ), (2,) -> mean
+    n = dist.world_size() * B                                  # the global batch
+    gamma = (d + n) / (d * n)                                  # γ = (d + n)/(d·n), official MCRLoss
     return gamma * R, R
 
 
@@ -138,7 +147,7 @@ class SimDINO(nn.Module):
         student_out = self.student(crops)              # (V·B, d): all crops
         align = alignment(student_out.float(), teacher_out.float())
         expa, R = expansion(student_out.float(), teacher_out.float(), cfg.eps, cfg.expa_type, bool(cfg.reduce_cov))
-        loss = -cfg.coeff * align - expa
+        loss = -cfg.coeff * align - expa               # SimDINO loss: −coeff·alignment − γ·R_ε
         return loss, {"comp_loss": align.item(), "expa_loss": expa.item(), "coding_rate": R.item()}
 
     def param_groups(self):

@@ -12,11 +12,15 @@ SimDINO's loss (−coeff·alignment − γ·R) replaces DINO's cross-entropy; on
 the negative cosine between student and teacher head outputs replaces iBOT's cross-entropy,
 weighted per image as iBOT's. No prototypes, temperatures, centring, Sinkhorn–Knopp or KoLeo.
 
-Symbols (one notation across the four method files):
+Symbols (one notation across the four method files, docs/READING.md):
     z_s, z_t          normalised head outputs of student / teacher  student / teacher outputs
     M, w_i            block masks, 1 / #masked patches of image i   masks, weights
     R(Z), ε², γ       coding rate, its ε², the balancing factor     simdino.expansion, cfg.eps
     coeff, λ_patch    alignment weight, patch-loss weight           cfg.coeff, cfg.ibot_loss_weight
+
+SimDINOv2's loss (SimDINO paper; cited by name, as in simdino.py):
+    CLS         −coeff·alignment − γ·R_ε(Z), SimDINO's terms on the CLS     simdino.alignment, expansion
+    patches     −λ_patch·Σ_masked w·cos(z_t, z_s) / #global crops          patch_alignment
 
 Commands:
     python simdinov2.py                                  # default CPU run on synthetic data (~10 min)
@@ -68,8 +72,8 @@ def patch_alignment(student_patch_out, teacher_patch_out, weights, n_images):
     """Mean cosine between student and teacher head outputs at the masked patches, each image's
     patches weighted 1/#masked, summed and divided by the number of global crops (official
     CosinePatchLoss.forward_masked, whose loss is the negative of this)."""
-    cos = F.cosine_similarity(teacher_patch_out.detach().float(), student_patch_out.float(), dim=-1)
-    return (weights * cos).sum() / n_images
+    cos = F.cosine_similarity(teacher_patch_out.detach().float(), student_patch_out.float(), dim=-1)  # (M,)
+    return (weights * cos).sum() / n_images      # Σ_masked w·cos(z_t, z_s) / #global crops
 
 
 class SimDINOv2(nn.Module):
@@ -90,7 +94,7 @@ class SimDINOv2(nn.Module):
         align = simdino.alignment(s_cls.float(), t_cls.float())
         expa, R = simdino.expansion(s_cls.float(), t_cls.float(), cfg.eps, cfg.expa_type, bool(cfg.reduce_cov))
         patch = patch_alignment(s_patch, t_patch, weights, 2 * B)
-        loss = -cfg.coeff * align - expa - cfg.ibot_loss_weight * patch
+        loss = -cfg.coeff * align - expa - cfg.ibot_loss_weight * patch   # CLS terms + patch term
         return loss, {"comp_loss": align.item(), "expa_loss": expa.item(), "coding_rate": R.item(),
                       "patch_loss": -patch.item()}
 

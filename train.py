@@ -127,10 +127,11 @@ def schedules(cfg, step, steps_per_epoch):
     batch B: linearly, lr·B/256 (official main_dino.py), or lr·√(B/1024) (DINOv2's sqrt_wrt_1024)."""
     total = cfg.epochs * steps_per_epoch
     batch = cfg.batch_size_per_gpu * dist.world_size()
+    # DINO §3.2: lr = 0.0005·B/256, "linearly ramped up during the first 10 epochs", then cosine
     peak = cfg.lr * batch / 256 if cfg.lr_scaling == "linear" else cfg.lr * math.sqrt(batch / 1024)
     return {"lr": cosine_schedule(step, peak, cfg.min_lr, total, cfg.warmup_epochs * steps_per_epoch),
-            "wd": cosine_schedule(step, cfg.weight_decay, cfg.weight_decay_end, total),
-            "momentum": cosine_schedule(step, cfg.momentum_teacher, 1.0, total)}
+            "wd": cosine_schedule(step, cfg.weight_decay, cfg.weight_decay_end, total),  # §3.2: 0.04 → 0.4
+            "momentum": cosine_schedule(step, cfg.momentum_teacher, 1.0, total)}         # §3.1: λ 0.996 → 1
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,9 +139,9 @@ def schedules(cfg, step, steps_per_epoch):
 
 @torch.no_grad()
 def ema_update(student, teacher, momentum):
-    """Teacher ← λ·teacher + (1−λ)·student (DINO Eq. 2 with λ = momentum), all tensors at once."""
+    """DINO §3.1, "Teacher network": θ_t ← λ·θ_t + (1−λ)·θ_s with λ = momentum, all tensors at once."""
     s, t = list(student.parameters()), list(teacher.parameters())
-    torch._foreach_lerp_(t, s, 1.0 - momentum)
+    torch._foreach_lerp_(t, s, 1.0 - momentum)   # θ_t + (1−λ)·(θ_s − θ_t) = λ·θ_t + (1−λ)·θ_s
 
 
 def clip_gradients(params, clip):
