@@ -432,9 +432,10 @@ def pca_picture(backbone, images, path):
 
 
 def curves_picture(log_paths, path):
-    """Training loss and k-NN top-1 against epoch, one line per run (log.jsonl files or run dirs)."""
+    """Training loss, k-NN top-1 and the teacher's feature spread (std over the held-out images,
+    train.py's collapse watch) against epoch, one line per run (log.jsonl files or run dirs)."""
     plt = _pyplot()
-    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(10, 3.8))
+    fig, (ax_loss, ax_knn, ax_std) = plt.subplots(1, 3, figsize=(15, 3.8))
     for p in log_paths:
         p = os.path.join(p, "log.jsonl") if os.path.isdir(p) else p
         try:
@@ -446,9 +447,13 @@ def curves_picture(log_paths, path):
         knn = [(r["epoch"] + 1, r["knn_top1"]) for r in records if "knn_top1" in r]
         if knn:
             ax_knn.plot(*zip(*knn), marker="o", label=label)
+        std = [(r["epoch"] + 1, r["feat_std"]) for r in records if "feat_std" in r]
+        if std:
+            ax_std.plot(*zip(*std), marker=".", label=label)
     ax_loss.set(xlabel="epoch", ylabel="train loss", title="loss")
     ax_knn.set(xlabel="epoch", ylabel="k-NN top-1 (%)", title="k-NN")
-    for ax in (ax_loss, ax_knn):
+    ax_std.set(xlabel="epoch", ylabel="feature std", title="teacher CLS spread (near 0: collapse)")
+    for ax in (ax_loss, ax_knn, ax_std):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -223,7 +224,7 @@ def run_tests(tests, cwd, quiet=False):
 def describe(number):
     ex = EXERCISES[number - 1]
     return (f"Exercise {number}: {ex.name} — {ex.path}:{ex.function}\n"
-            f"Paper: {ex.reference}\n\n{ex.statement}\n\nTests: {' '.join(ex.tests)}")
+            f"Paper: {ex.reference}\n\n{textwrap.fill(ex.statement, 96)}\n\nTests:\n  " + "\n  ".join(ex.tests))
 
 
 def student_dir(number):
