@@ -272,9 +272,41 @@ def subset(dataset, indices):
     return out
 
 
+def cache_dir():
+    """Where generated data is kept between runs: $NANODINO_CACHE, else ~/.cache/nanodino."""
+    return os.environ.get("NANODINO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "nanodino")
+
+
+@functools.lru_cache(maxsize=1)
+def _synthetic_version():
+    import hashlib
+    import inspect
+    source = inspect.getsource(make_synthetic) + inspect.getsource(shape_mask) + repr(SHAPES) + np.__version__
+    return hashlib.sha256(source.encode()).hexdigest()[:12]
+
+
 @functools.lru_cache(maxsize=2)
 def _synthetic(n):
-    return make_synthetic(n, seed=0)  # fixed seed: the same data in every run
+    """make_synthetic(n, seed=0): the same data in every run. Drawing 22,000 images takes 10-20 s
+    on 2 cores, so the result is kept in cache_dir(); the file name holds a hash of the generator's
+    source and numpy's version, so a changed generator draws anew. An unreadable cache file is
+    redrawn (with a note); a cache that cannot be written only costs the time."""
+    path = os.path.join(cache_dir(), f"synthetic-{n}-{_synthetic_version()}.pt")
+    if os.path.exists(path):
+        try:
+            cached = torch.load(path, weights_only=True)
+            return cached["images"], cached["labels"]
+        except Exception as e:  # truncated or foreign file: draw again and replace it
+            print(f"note: redrawing the synthetic data, cannot read {path}: {e}", file=sys.stderr)
+    images, labels = make_synthetic(n, seed=0)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        torch.save({"images": images, "labels": labels}, tmp)
+        os.replace(tmp, path)  # atomic: concurrent runs (torchrun ranks) never read half a file
+    except OSError as e:
+        print(f"note: cannot cache the synthetic data in {cache_dir()}: {e}", file=sys.stderr)
+    return images, labels
 
 
 def load_dataset(name, data_path="", eval_size=224, synthetic_size=(20000, 2000)):

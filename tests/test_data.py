@@ -21,6 +21,22 @@ def test_synthetic_is_deterministic_and_balanced():
     assert counts.min() > 20 and set(ya.tolist()) == set(range(10))
 
 
+def test_synthetic_cache_returns_the_drawn_data_and_survives_a_bad_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANODINO_CACHE", str(tmp_path))
+    fresh = data.make_synthetic(60, seed=0)
+    first = data._synthetic.__wrapped__(60)                  # draws and writes the cache
+    (cached,) = list(tmp_path.glob("synthetic-60-*.pt"))
+    monkeypatch.setattr(data, "make_synthetic", lambda *a, **k: pytest.fail("redrawn"))
+    second = data._synthetic.__wrapped__(60)                 # reads it back, draws nothing
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(fresh, first, second))
+    cached.write_bytes(b"not a checkpoint")                  # a broken file is redrawn, with a note
+    monkeypatch.undo()
+    monkeypatch.setenv("NANODINO_CACHE", str(tmp_path))
+    third = data._synthetic.__wrapped__(60)
+    assert all(torch.equal(a, b) for a, b in zip(fresh, third)) and "redrawing" in capsys.readouterr().err
+    assert torch.equal(torch.load(cached, weights_only=True)["images"], fresh[0])
+
+
 def test_synthetic_class_is_not_in_brightness_or_position():
     x, y = data.make_synthetic(3000, seed=0)
     x = x[:, 0].float() / 255
