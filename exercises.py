@@ -210,10 +210,12 @@ def make_student_copy(number, dest):
         f.write(stub_source(source, ex, number))
 
 
-def run_tests(tests, cwd, quiet=False):
+def run_tests(tests, cwd, quiet=False, threads=None):
     """pytest on the given node ids inside `cwd`; returns (passed, output)."""
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", *tests]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}   # the copy's modules, not ours
+    if threads:   # runs side by side: OpenMP threads that outnumber the cores spin and stall each other
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=quiet, text=True)
     return proc.returncode == 0, (proc.stdout or "") + (proc.stderr or "")
 
@@ -236,7 +238,7 @@ def verify_one(number):
     ex = EXERCISES[number - 1]
     with tempfile.TemporaryDirectory() as tmp:
         make_student_copy(number, tmp)
-        stub_passed, out = run_tests(ex.tests, tmp, quiet=True)
+        stub_passed, out = run_tests(ex.tests, tmp, quiet=True, threads=1)
     summary = out.strip().splitlines()[-1] if out.strip() else ""
     if stub_passed or " passed" in summary:       # every one of its tests must fail on the stub
         return False, f"a test passes on the stub: {summary}"
