@@ -91,7 +91,8 @@ def official_step_fn(name, official_dir, method, cfg):
     teacher.load_state_dict(method.teacher.state_dict(), strict=True)
     teacher.requires_grad_(False)
     opt = make_opt(OU.get_params_groups(student))
-    sched = __import__("train").schedules(cfg, 100, 1000)
+    import train
+    sched = train.schedules(cfg, 100, 1000)
     for i, g in enumerate(opt.param_groups):
         g["lr"] = sched["lr"]
         if i == 0:

@@ -181,15 +181,12 @@ def find_function(tree, qualname):
 def stub_source(source, ex, number):
     """The file's source with ex.function's body (after its docstring) replaced by a raise."""
     fn = find_function(ast.parse(source), ex.function)
-    body = fn.body
-    has_doc = isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
-        and isinstance(body[0].value.value, str)
-    first = body[1] if has_doc and len(body) > 1 else body[0] if not has_doc else None
-    lines = source.splitlines(keepends=True)
-    indent = " " * (first.col_offset if first else body[0].col_offset)
+    body = fn.body[1:] if ast.get_docstring(fn) is not None else fn.body   # the statements to remove
+    indent = " " * fn.body[0].col_offset
     stub = (f"{indent}# Exercise {number} ({ex.name}): write this body. `python exercises.py {number} --show`\n"
             f"{indent}raise NotImplementedError(\"exercise {number}: {ex.function} is yours to write\")\n")
-    start = first.lineno - 1 if first else fn.end_lineno   # 0-based first line of the body
+    lines = source.splitlines(keepends=True)
+    start = body[0].lineno - 1 if body else fn.end_lineno   # 0-based first line of the body
     return "".join(lines[:start]) + stub + "".join(lines[fn.end_lineno:])
 
 
