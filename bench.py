@@ -3,6 +3,7 @@
     python bench.py                          # CPU: the default synthetic config, and ViT-S/16 2x224+10x96 at batch 8
     python bench.py --device cuda            # GPU: ViT-S/16, 2x224 + 10x96, batch 64, bf16
     python bench.py --method simdino ...     # any method file with the same contract
+    python bench.py --drop_path 0.4          # stochastic depth: the branches on the kept samples only vs all
 
 A step is everything the loop does per batch: multi-crop augmentation of uint8 images, teacher
 and student forward, loss, backward, clipping, AdamW, EMA. Numbers are printed, never asserted.
@@ -19,7 +20,7 @@ import torch
 
 import data as data_lib
 import train as train_lib
-from vit import ARCHS
+from vit import ARCHS, build_vit
 
 
 def vit_forward_flops(arch, patch, size, batch):
@@ -116,14 +117,45 @@ def bench(module, overrides, device, steps=10, warmup=3):
     return res
 
 
+def drop_path_bench(rate, device, arch="vit_small", patch=16, size=224, batch=16, reps=10):
+    """Forward + backward of a ViT in training mode with uniform stochastic depth at `rate`:
+    DINOv2's efficient version (the residual branches computed for the kept samples only) against
+    the plain one (computed for all, the dropped zeroed), same weights, alternating A/B."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    models = {e: build_vit(arch, patch, img_size=size, drop_path_rate=rate, drop_path_uniform=True,
+                           efficient_drop_path=e).to(device).train() for e in (True, False)}
+    models[False].load_state_dict(models[True].state_dict())
+    x = torch.randn(batch, 3, size, size, device=device)
+    times = {True: [], False: []}
+    for i in range(2 * (reps + 2)):
+        e = i % 2 == 0
+        sync()
+        t = time.perf_counter()
+        models[e](x).sum().backward()
+        sync()
+        if i >= 4:
+            times[e].append(time.perf_counter() - t)
+    eff, plain = statistics.median(times[True]), statistics.median(times[False])
+    ratios = sorted(a / b for a, b in zip(times[True], times[False]))
+    return {"bench": "stochastic depth", "arch": f"{arch}/{patch}", "size": size, "batch": batch, "rate": rate,
+            "device": str(device), "plain_median_s": round(plain, 4), "efficient_median_s": round(eff, 4),
+            "ratio_efficient_over_plain": round(eff / plain, 3),
+            "pair_ratios_min_median_max": [round(ratios[0], 3), round(statistics.median(ratios), 3), round(ratios[-1], 3)]}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="dino")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--drop_path", type=float, default=0.0, help="benchmark stochastic depth at this rate instead")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    if args.drop_path:
+        batch = 16 if args.device == "cpu" else 128
+        print(json.dumps(drop_path_bench(args.drop_path, torch.device(args.device), batch=batch)), flush=True)
+        return
     module = importlib.import_module(args.method)
     device = torch.device(args.device)
     vits16 = dict(arch="vit_small", patch_size=16, global_crops_size=224, local_crops_size=96,

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # the official code normalises every dataset with these
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DATASETS = ("synthetic", "fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder")
+DATASETS = ("synthetic", "fashion-mnist", "cifar10", "cifar100", "stl10", "imagefolder", "list")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
 
 
@@ -249,16 +249,38 @@ def _image_folder(root, eval_size):
         classes, train = scan(root / "train")
         val_classes, val = scan(root / "val")
         val = [val[val_classes.index(c)] if c in val_classes else [] for c in classes]
-    else:
-        classes, files = scan(root)
-        train = [[f for i, f in enumerate(fs) if i % 10 != 9] for fs in files]
-        val = [[f for i, f in enumerate(fs) if i % 10 == 9] for fs in files]
+        return _folder_images(train, eval_size), _folder_images(val, eval_size)
+    return _hold_out_every_10th(*scan(root), eval_size)
 
-    def build(per_class):
-        files = [f for fs in per_class for f in fs]
-        labels = [c for c, fs in enumerate(per_class) for _ in fs]
-        return FolderImages(files, labels, len(classes), eval_size)
-    return build(train), build(val)
+
+def _image_list(path, eval_size):
+    """A text file of image paths, one per line (relative to the file's folder, or absolute), each
+    optionally followed by a tab and its class name, else its folder's name (curate.py writes
+    one); every 10th image of each class is held out."""
+    try:
+        lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"cannot read the image list {path!r}: {e}") from None
+    if not lines:
+        raise DataError(f"the image list {path!r} names no image")
+    entries = [line.split("\t", 1) if "\t" in line else (line, Path(line).parent.name) for line in lines]
+    classes = sorted({label for _, label in entries})
+    files = [[] for _ in classes]
+    for file, label in entries:
+        files[classes.index(label)].append(str(Path(path).parent / file))  # absolute paths stay as they are
+    return _hold_out_every_10th(classes, files, eval_size)
+
+
+def _hold_out_every_10th(classes, files, eval_size):
+    train = [[f for i, f in enumerate(fs) if i % 10 != 9] for fs in files]
+    val = [[f for i, f in enumerate(fs) if i % 10 == 9] for fs in files]
+    return _folder_images(train, eval_size), _folder_images(val, eval_size)
+
+
+def _folder_images(per_class, eval_size):
+    files = [f for fs in per_class for f in fs]
+    labels = [c for c, fs in enumerate(per_class) for _ in fs]
+    return FolderImages(files, labels, len(per_class), eval_size)
 
 
 def subset(dataset, indices):
@@ -323,6 +345,10 @@ def load_dataset(name, data_path="", eval_size=224, synthetic_size=(20000, 2000)
         if not data_path:
             raise DataError("--data imagefolder needs --data_path ROOT (ROOT/<class>/<image>)")
         return _image_folder(data_path, eval_size)
+    if name == "list":
+        if not data_path or not os.path.isfile(data_path):
+            raise DataError(f"--data list needs --data_path FILE, a text file of image paths; got {data_path!r}")
+        return _image_list(data_path, eval_size)
     raise DataError(f"unknown --data {name!r}; choose one of {', '.join(DATASETS)}")
 
 

@@ -16,6 +16,11 @@ the cross-entropy over crop pairs on the CLS token, centring. What it adds (writ
 The step reads: masks → teacher forward (CLS + masked patches) → centre / Sinkhorn–Knopp →
 one student forward → DINO + KoLeo + iBOT losses.
 
+The paper's scaling recipe: `--distill_from` (§5, "Distillation of smaller models": a frozen larger
+teacher, no masking and no stochastic depth, iBOT on the global crops' patches, the student's EMA
+as the final model); `--high_res_epochs` / `--high_res_size` (§4, "Adapting the resolution", in the
+shared loop); efficient stochastic depth (§4, vit.drop_add_residual); data curation (§3, curate.py).
+
 Symbols (one notation across the four method files, docs/READING.md; DINOv2 paper §4, arXiv v2,
 whose equations are not numbered: cited by the name of their paragraph):
     x₁, x₂, x'        global crops, local crops                  crops[:2], crops[2:]
@@ -38,8 +43,11 @@ Equations (DINOv2 §4):
 
 Commands:
     python dinov2.py                                     # default CPU run on synthetic data (~10 min)
+    python dinov2.py --arch vit_nano --output_dir runs/dinov2_nano   # then distil it into a ViT-pico:
+    python dinov2.py --distill_from runs/dinov2_nano/checkpoint.pth --output_dir runs/dinov2_distilled
     torchrun --nproc_per_node=8 dinov2.py --preset imagenet --data_path /path/to/imagenet
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +56,7 @@ import torch.nn.functional as F
 
 import data as data_lib
 import dino
+import eval as eval_lib
 import train as train_lib
 from train import flag
 from kernels import distributed as dist
@@ -70,6 +79,8 @@ class MaskedViTFlags:
     ibot_separate_head: bool = flag(False, "a separate head for the masked patches (default: the CLS head)")
     layerwise_decay: float = flag(0.9, "ρ: block i of L gets lr·ρ^(L+1−i); patch embedding, tokens ρ^(L+1)")
     patch_embed_lr_mult: float = flag(0.2, "extra lr factor of the patch embedding")
+    efficient_drop_path: bool = flag(True, "stochastic depth above 0.1 runs the blocks on the kept samples only "
+                                           "(official DINOv2 Block; false: compute all, zero the dropped)")
 
 
 @dataclass
@@ -89,6 +100,8 @@ class DINOv2Config(dino.DINOConfig, MaskedViTFlags):
     centering: str = flag("centering", "teacher centring: centering (EMA centre, as DINO) | sinkhorn_knopp",
                           ("centering", "sinkhorn_knopp"))
     koleo_loss_weight: float = flag(0.1, "λ_KoLeo")
+    distill_from: str = flag("", "§5 distillation: a dinov2.py checkpoint whose (larger) teacher, frozen, teaches "
+                                 "this student; no masking, no stochastic depth, iBOT on every patch")
 
 
 PRESETS = {
@@ -170,10 +183,11 @@ class DINOv2Net(nn.Module):
         out = self.head(torch.cat([cls, patches]))
         return out[:len(cls)], out[len(cls):]
 
-    def forward(self, global_crops, local_crops, masks):
-        """Student: global crops with the masked patches replaced by the mask token, local crops.
+    def forward(self, global_crops, local_crops, masks, mask_tokens=True):
+        """Student: global crops with the masked patches replaced by the mask token (unless
+        mask_tokens is False: the patches are only selected), local crops.
         -> CLS logits of all crops (globals first), masked-patch logits, global CLS features."""
-        g = self.backbone.forward_features(global_crops, masks)
+        g = self.backbone.forward_features(global_crops, masks if mask_tokens else None)
         cls_g, patches = g["x_norm_clstoken"], g["x_norm_patchtokens"][masks]   # (2B, D), (M, D)
         cls = torch.cat([cls_g, self.backbone(local_crops)]) if local_crops is not None else cls_g
         cls_out, patch_out = self.heads(cls, patches)
@@ -222,7 +236,7 @@ def student_and_teacher(cfg, make_head):
                              drop_path_rate=drop_path_rate, drop_path_uniform=cfg.drop_path_uniform,
                              layerscale=cfg.layerscale or None, num_register_tokens=cfg.num_register_tokens,
                              ffn_layer=cfg.ffn_layer, use_mask_token=True, attn_backend=cfg.attn_backend,
-                             interpolate_offset=cfg.interpolate_offset,
+                             interpolate_offset=cfg.interpolate_offset, efficient_drop_path=cfg.efficient_drop_path,
                              interpolate_antialias=cfg.interpolate_antialias)
         return DINOv2Net(backbone, make_head(), make_head() if cfg.ibot_separate_head else None)
     student, teacher = net(cfg.drop_path_rate), net(0.0)
@@ -231,25 +245,69 @@ def student_and_teacher(cfg, make_head):
     return student, teacher
 
 
+def dino_head(cfg):
+    return dino.DINOHead(ARCHS[cfg.arch][0], cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
+                         cfg.norm_last_layer, cfg.use_bn_in_head)
+
+
+def pretrained_teacher(cfg):
+    """DINOv2 §5: the frozen teacher for distillation, the EMA teacher (backbone and heads) of the
+    dinov2.py checkpoint --distill_from, with its centres C, C_p. It must share the student's patch
+    size (iBOT compares patch tokens one to one) and number of prototypes K."""
+    path = cfg.distill_from
+    try:
+        ckpt = eval_lib.read_checkpoint(path)
+    except ValueError as e:
+        raise train_lib.ConfigError(f"--distill_from: {e}") from None
+    saved = ckpt.get("config", {}) if isinstance(ckpt, dict) else {}
+    if "centering" not in saved or not {"teacher", "method"} <= set(ckpt):
+        raise train_lib.ConfigError(f"--distill_from {path} is not a dinov2.py training checkpoint")
+    fields = {f.name for f in dataclasses.fields(DINOv2Config)}
+    tcfg = DINOv2Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items() if k in fields})
+    for name in ("patch_size", "out_dim"):
+        if getattr(tcfg, name) != getattr(cfg, name):
+            raise train_lib.ConfigError(f"--distill_from {path}: its teacher has {name} {getattr(tcfg, name)}; "
+                                        f"the student needs the same (--{name} {getattr(tcfg, name)})")
+    _, teacher = student_and_teacher(dataclasses.replace(tcfg, distill_from=""), lambda: dino_head(tcfg))
+    teacher.load_state_dict(ckpt["teacher"])
+    dist.print0(f"distilling from {path}: frozen teacher {tcfg.arch}/{tcfg.patch_size} "
+          f"({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M parameters)")
+    return teacher.eval(), ckpt["method"]["center"], ckpt["method"]["center_patch"]
+
+
 def masks_and_weights(cfg, crops):
     """Block masks M (2B, N) of the global crops, drawn from the step's seeded global RNG, and
     the iBOT weight w_i = 1 / #masked of the image of each masked patch (M_total,)."""
     B, grid = crops[0].shape[0], crops[0].shape[-1] // cfg.patch_size
     masks = data_lib.sample_masks(2 * B, grid, grid, cfg.mask_ratio_min_max, cfg.mask_sample_probability)
     masks = masks.to(crops[0].device)
-    weights = (1.0 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]
-    return masks, weights
+    return masks, ibot_weights(masks)
+
+
+def ibot_weights(masks):
+    """w_i = 1 / #masked of the image, for each masked patch: (M_total,)."""
+    return (1.0 / masks.sum(-1).clamp(min=1)).unsqueeze(-1).expand_as(masks)[masks]
 
 
 class DINOv2(nn.Module):
     def __init__(self, cfg, steps_per_epoch=1):
         super().__init__()
         self.cfg, self.steps_per_epoch = cfg, steps_per_epoch
-        head = lambda: dino.DINOHead(ARCHS[cfg.arch][0], cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
-                                     cfg.norm_last_layer, cfg.use_bn_in_head)
-        self.student, self.teacher = student_and_teacher(cfg, head)
+        if cfg.distill_from:  # §5: "remove the masking and stochastic depth"
+            cfg = dataclasses.replace(cfg, drop_path_rate=0.0)
+        self.student, self.teacher = student_and_teacher(cfg, lambda: dino_head(cfg))
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))        # C
         self.register_buffer("center_patch", torch.zeros(1, cfg.out_dim))  # C_p
+        self.frozen = None
+        if cfg.distill_from:
+            # §5: a larger pretrained model is the frozen teacher; self.teacher stays the EMA of
+            # the student ("a spare EMA ... that we use as our final model": what is evaluated and
+            # saved). The frozen model is kept out of the module tree, so out of the checkpoints
+            # (re-read from --distill_from on resume); its centres start from its own run's.
+            frozen, center, center_patch = pretrained_teacher(cfg)
+            object.__setattr__(self, "frozen", frozen)
+            self.center.copy_(center)
+            self.center_patch.copy_(center_patch)
 
     def teacher_temp(self, step):
         """τ_t: linear per step from warmup_teacher_temp over the warm-up epochs, then constant
@@ -264,9 +322,14 @@ class DINOv2(nn.Module):
         global_crops = torch.cat(crops[:2])
         local_crops = torch.cat(crops[2:]) if len(crops) > 2 else None
         masks, weights = masks_and_weights(cfg, crops)                    # M (2B, N), w_i
+        teacher = self.teacher
+        if self.frozen is not None:  # §5 distillation: no masking, the iBOT loss on every patch
+            masks = torch.ones_like(masks)
+            weights = ibot_weights(masks)
+            teacher = self.frozen.to(global_crops.device)
         tau_t = self.teacher_temp(step)
 
-        t_cls, t_patch = self.teacher.teacher_forward(global_crops, masks)
+        t_cls, t_patch = teacher.teacher_forward(global_crops, masks)
         if cfg.centering == "centering":
             p_cls = ((t_cls.float() - self.center) / tau_t).softmax(dim=-1)
             p_patch = ((t_patch.float() - self.center_patch) / tau_t).softmax(dim=-1)
@@ -278,7 +341,7 @@ class DINOv2(nn.Module):
             p_cls = sinkhorn_knopp(t_cls, tau_t)
             p_patch = sinkhorn_knopp(t_patch, tau_t)
 
-        s_cls, s_patch, s_cls_backbone = self.student(global_crops, local_crops, masks)
+        s_cls, s_patch, s_cls_backbone = self.student(global_crops, local_crops, masks, self.frozen is None)
         dino_term = dino.cross_entropy_pairs(s_cls, p_cls, cfg.student_temp)   # §4 image-level: ℒ_DINO
         koleo = sum(koleo_loss(x) for x in s_cls_backbone.chunk(2))  # §4 ℒ_koleo, per global crop, not across them
         ibot = ibot_loss(s_patch, p_patch, weights, 2 * B, cfg.student_temp)   # §4 patch-level: ℒ_iBOT

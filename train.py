@@ -84,8 +84,12 @@ class TrainConfig:
     global_crops_scale: tuple = flag((0.4, 1.0), "area range of global crops")
     local_crops_number: int = flag(8, "number of local crops (0 disables multi-crop)")
     local_crops_scale: tuple = flag((0.05, 0.4), "area range of local crops")
+    high_res_epochs: int = flag(0, "DINOv2 §4, 'Adapting the resolution': the last N epochs train on "
+                                   "--high_res_size global crops (0: never)")
+    high_res_size: int = flag(0, "global crop size of the high-resolution phase (DINOv2: 518 at patch 14)")
     # data and run
-    data: str = flag("imagefolder", "synthetic | fashion-mnist | cifar10 | cifar100 | stl10 | imagefolder")
+    data: str = flag("imagefolder", "synthetic | fashion-mnist | cifar10 | cifar100 | stl10 | imagefolder | "
+                                     "list (a file of image paths, as curate.py writes)")
     data_path: str = flag("", "dataset root")
     output_dir: str = flag("runs/dino", "checkpoint.pth, config.json, log.jsonl go here; resumed if present")
     saveckp_freq: int = flag(20, "keep a numbered checkpoint every N epochs (0: never)")
@@ -223,6 +227,11 @@ def check_config(cfg):
     for name in ("global_crops_size", "local_crops_size"):
         need(getattr(cfg, name) % cfg.patch_size == 0,
              f"--{name} {getattr(cfg, name)} is not divisible by --patch_size {cfg.patch_size}")
+    if cfg.high_res_epochs:
+        need(0 < cfg.high_res_epochs <= cfg.epochs,
+             f"--high_res_epochs must be in [0, --epochs {cfg.epochs}], got {cfg.high_res_epochs}")
+        need(cfg.high_res_size > 0 and cfg.high_res_size % cfg.patch_size == 0,
+             f"--high_res_size {cfg.high_res_size} must be a positive multiple of --patch_size {cfg.patch_size}")
     need(cfg.local_crops_number >= 0, f"--local_crops_number must be >= 0, got {cfg.local_crops_number}")
     for name in ("global_crops_scale", "local_crops_scale"):
         lo, hi = getattr(cfg, name)
@@ -251,7 +260,9 @@ def check_config(cfg):
     need(cfg.output_dir != "", "--output_dir must not be empty")
     if cfg.data == "imagefolder":
         need(cfg.data_path != "", "--data imagefolder needs --data_path ROOT")
-    if cfg.data_path:
+    if cfg.data == "list":
+        need(os.path.isfile(cfg.data_path), f"--data list needs --data_path FILE, a list of images; got {cfg.data_path!r}")
+    elif cfg.data_path:
         need(os.path.isdir(cfg.data_path), f"--data_path {cfg.data_path!r} does not exist or is not a directory")
 
 
@@ -346,10 +357,18 @@ def train(cfg, Method):
         resume = None  # replaced below, once the data and the model are built
 
     train_set, eval_set = data_lib.load_dataset(cfg.data, cfg.data_path, eval_size=cfg.global_crops_size)
-    augment = data_lib.MultiCrop(cfg.global_crops_size, cfg.local_crops_size, cfg.global_crops_scale,
-                                 cfg.local_crops_scale, cfg.local_crops_number)
+
+    def augmentation(epoch):
+        """The multi-crop of an epoch: --high_res_size global crops in the last --high_res_epochs
+        (the position embeddings interpolate to the larger grid), --global_crops_size before."""
+        high = cfg.high_res_epochs and epoch >= cfg.epochs - cfg.high_res_epochs
+        augment = data_lib.MultiCrop(cfg.high_res_size if high else cfg.global_crops_size, cfg.local_crops_size,
+                                     cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number)
+        if isinstance(train_set, data_lib.FolderImages):  # crops are cut in the workers
+            train_set.crops = augment.crop_plan()
+        return augment
+
     if isinstance(train_set, data_lib.FolderImages):
-        train_set.crops = augment.crop_plan()
         train_set.skip_bad = eval_set.skip_bad = cfg.skip_bad_images
     loader = data_lib.Loader(train_set, cfg.batch_size_per_gpu, cfg.seed, dist.rank(), dist.world_size(),
                              cfg.num_workers, pin_memory=device.type == "cuda")
@@ -404,6 +423,7 @@ def train(cfg, Method):
 
     while step < last_step:
         epoch, first = divmod(step, steps_per_epoch)
+        augment = augmentation(epoch)
         method.train()
         for images, _ in loader.epoch(epoch, first):
             sched = schedules(cfg, step, steps_per_epoch)
@@ -466,7 +486,8 @@ def train(cfg, Method):
         done_epoch = step % steps_per_epoch == 0
         record = {"epoch": epoch, "step": step, "train_loss": sums.get("loss", 0) / max(count, 1),
                   **{k: v / max(count, 1) for k, v in sums.items() if k != "loss"},
-                  "lr": sched["lr"], "wd": sched["wd"], "momentum": sched["momentum"]}
+                  "lr": sched["lr"], "wd": sched["wd"], "momentum": sched["momentum"],
+                  "global_crops_size": augment.global_size}
         if cfg.eval_every and ((done_epoch and (epoch + 1) % cfg.eval_every == 0) or step == last_step):
             top1, top5 = eval_lib.knn_eval(method.teacher.backbone, train_set, eval_set, cfg.global_crops_size,
                                            device, batch_size=256, num_workers=cfg.num_workers)

@@ -3,7 +3,8 @@
 One backbone for all four methods: patch embedding, a CLS token, optional register tokens
 (Darcet et al. 2023, arXiv 2309.16588), a learned position embedding interpolated (bicubic) to any
 input size so 224-pixel global and 96-pixel local crops share one model, pre-norm blocks with
-stochastic depth and optional LayerScale, and a final LayerNorm. Initialisation follows the
+stochastic depth (DINO's per-sample mask, or DINOv2's efficient version that runs the branches on
+the kept samples only) and optional LayerScale, and a final LayerNorm. Initialisation follows the
 official DINO `vision_transformer.py`.
 
 Letters used in shape comments: B batch, N patch tokens, T all tokens (1 + R + N), R registers,
@@ -48,6 +49,18 @@ class DropPath(nn.Module):
         keep = 1.0 - self.p
         mask = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(keep)  # (B, 1, 1)
         return x * mask / keep
+
+
+def drop_add_residual(x, branch, p):
+    """x + branch(x) with stochastic depth, the branch computed only for the kept samples (DINOv2's
+    drop_add_residual_stochastic_depth): a random subset of k = max(⌊B(1−p)⌋, 1) of the B samples
+    goes through the branch and gets its output scaled by B/k; the others skip it. Each sample is
+    kept with probability k/B, so the expected output is x + branch(x), as with DropPath, and the
+    branch costs k/B of the plain version's compute (0.6 at p = 0.4)."""
+    B = x.shape[0]
+    k = max(int(B * (1.0 - p)), 1)
+    keep = torch.randperm(B, device=x.device)[:k]
+    return torch.index_add(x, 0, keep, branch(x[keep]).to(x.dtype), alpha=B / k)
 
 
 class PatchEmbed(nn.Module):
@@ -120,7 +133,7 @@ class Block(nn.Module):
     """Pre-norm transformer block: x + γ₁·Attn(LN(x)), then x + γ₂·FFN(LN(x)), each with drop path."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=True, drop_path=0.0,
-                 layerscale=None, attn_backend="sdpa", ffn=None):
+                 layerscale=None, attn_backend="sdpa", ffn=None, efficient_drop_path=False):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_backend)
@@ -129,17 +142,26 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
         self.ls2 = LayerScale(dim, layerscale) if layerscale else nn.Identity()
         self.drop_path = DropPath(drop_path)
+        # DINOv2: above a rate of 0.1 the branches run on the kept samples only (below, the
+        # gather and scatter cost more than they save, as the official Block says)
+        self.efficient_drop_path = efficient_drop_path and drop_path > 0.1
 
     def forward(self, x):
-        x = x + self.drop_path(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
+        attn = lambda x: self.ls1(self.attn(self.norm1(x)))
+        ffn = lambda x: self.ls2(self.mlp(self.norm2(x)))
+        if self.training and self.efficient_drop_path:
+            x = drop_add_residual(x, attn, self.drop_path.p)
+            return drop_add_residual(x, ffn, self.drop_path.p)
+        x = x + self.drop_path(attn(x))
+        return x + self.drop_path(ffn(x))
 
 
 class VisionTransformer(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=384, depth=12,
                  num_heads=6, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0,
                  num_register_tokens=0, layerscale=None, use_mask_token=False, attn_backend="sdpa",
-                 ffn_layer="mlp", drop_path_uniform=False, interpolate_offset=0.1, interpolate_antialias=False):
+                 ffn_layer="mlp", drop_path_uniform=False, interpolate_offset=0.1, interpolate_antialias=False,
+                 efficient_drop_path=False):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by the patch size {patch_size}")
@@ -161,7 +183,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"unknown ffn_layer {ffn_layer!r}; choose mlp or swiglufused")
         ffn = lambda: SwiGLU(embed_dim, int(embed_dim * mlp_ratio)) if ffn_layer == "swiglufused" else None
         self.blocks = nn.ModuleList(
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], layerscale, attn_backend, ffn())
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, dpr[i], layerscale, attn_backend, ffn(),
+                  efficient_drop_path)
             for i in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.init_weights()

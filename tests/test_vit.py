@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kernels.attention import attention, attention_weights
-from vit import ARCHS, DropPath, build_vit
+from vit import ARCHS, Block, DropPath, build_vit, drop_add_residual
 
 
 @pytest.mark.parametrize("arch,patch,img,inputs", [
@@ -114,6 +114,55 @@ def test_drop_path_keeps_expectation_and_is_off_in_eval():
     assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.7))
     assert abs(y.mean() - 1.0) < 0.03
     assert torch.equal(dp.eval()(x), x)
+
+
+def test_efficient_drop_path_has_the_plain_expectation():
+    """DINOv2's drop_add_residual: E[x + branch on the kept samples, scaled] = x + branch(x); and a
+    whole block (two such residuals) has the expectation of the plain DropPath block. z-tests of
+    Monte-Carlo means per element (1600 elements: under the null |z| > 5 has odds ~1e-3)."""
+    torch.manual_seed(0)
+    B, p, n = 7, 0.4, 3000                       # k = 4 of 7 kept, scale 7/4 (not 1/(1-p): still unbiased)
+    x = torch.randn(B, 3, 8)
+    branch = lambda t: torch.tanh(t) * 2 + 1
+    draws = torch.stack([drop_add_residual(x, branch, p) for _ in range(n)])
+    z = (draws.mean(0) - (x + branch(x))) / (draws.std(0) / n ** 0.5 + 1e-12)
+    assert z.abs().max() < 5, z.abs().max()
+
+    block = Block(16, 2, drop_path=p, efficient_drop_path=True).train()
+    plain = Block(16, 2, drop_path=p).train()
+    plain.load_state_dict(block.state_dict())
+    x = torch.randn(10, 10, 16)
+    with torch.no_grad():
+        a, b = torch.stack([block(x) for _ in range(n)]), torch.stack([plain(x) for _ in range(n)])
+    z = (a.mean(0) - b.mean(0)) / ((a.var(0) + b.var(0)) / n).sqrt()
+    assert z.abs().max() < 5, z.abs().max()
+    assert not torch.allclose(a.mean(0), block.eval()(x), atol=1e-2)  # the test can see a difference
+
+
+def test_efficient_drop_path_equals_plain_on_the_kept_samples():
+    """Same kept samples: same output and same gradients as x + mask·branch(x)/(1−p), with the
+    branches run on the kept samples only (p = 0.4, 6 of 10 samples)."""
+    torch.manual_seed(0)
+    block = Block(16, 2, drop_path=0.4, efficient_drop_path=True).train()
+    seen = []
+    block.mlp.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[0]))
+    x = torch.randn(10, 5, 16, requires_grad=True)
+    torch.manual_seed(1)
+    out = block(x)
+    torch.manual_seed(1)   # the same draws: each residual keeps randperm(10)[:6]
+    masks = [torch.zeros(10, 1, 1).index_fill_(0, torch.randperm(10)[:6], 1.0) for _ in range(2)]
+    assert seen == [6]     # the FFN saw the 6 kept samples only
+    xr = x.detach().clone().requires_grad_(True)
+    h = xr + masks[0] * block.ls1(block.attn(block.norm1(xr))) / 0.6
+    ref = h + masks[1] * block.ls2(block.mlp(block.norm2(h))) / 0.6
+    assert torch.allclose(out, ref, atol=1e-5)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [x, *block.parameters()], g)
+    ref_grads = torch.autograd.grad(ref, [xr, *block.parameters()], g)
+    for a, b in zip(grads, ref_grads):
+        assert torch.allclose(a, b, atol=1e-5)
+    # below a rate of 0.1 the official block keeps the plain path
+    assert not Block(16, 2, drop_path=0.1, efficient_drop_path=True).efficient_drop_path
 
 
 def test_official_init():

@@ -1,0 +1,263 @@
+"""Data curation as DINOv2 builds LVD-142M (Oquab et al. 2023, arXiv 2304.07193, §3 "Data
+Processing" and Appendix A), at laptop scale: tens of thousands of images, plain torch.
+
+  1. embed      the curated images and the uncurated pool with a pretrained backbone
+                (CLS token, L2-normalised: cosine similarity is a dot product);
+  2. dedup      self-deduplication: link pool images whose similarity is above --dedup_threshold
+                among their --dedup_k nearest neighbours, keep one image per connected component;
+                relative deduplication: drop pool images above --exclude_threshold to any image of
+                --exclude (a benchmark's test set you will evaluate on);
+  3. retrieve   sample-based retrieval: the --neighbours nearest kept pool images of each curated
+                image (paper: "typically 4");
+  4. write      the curated images and the retrieved ones as a file list (path, tab, class; a
+                retrieved image gets the class of the curated image it was retrieved for), which
+                `--data list --data_path FILE` trains on.
+
+What differs from the paper, for size: one backbone (any checkpoint eval.py reads) embeds and
+deduplicates, where the paper deduplicates with the copy-detection model SSCD (Pizzi et al. 2022,
+thresholds 0.6 and 0.45 on its embeddings) and retrieves with ViT-H/16 embeddings; Faiss becomes
+chunked matrix products; cluster-based retrieval (k-means, for small curated sets) is left out.
+Thresholds depend on the backbone: --demo prints the similarity of planted copies and of unrelated
+images, to choose them.
+
+    python curate.py --curated CURATED_DIR --pool POOL_DIR --checkpoint runs/dinov2/checkpoint.pth \\
+        --output curated.txt
+    python dinov2.py --data list --data_path curated.txt --global_crops_size 224 ...
+    python curate.py --demo DIR --checkpoint runs/dinov2/checkpoint.pth   # planted copies: precision, recall
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import data as data_lib
+import eval as eval_lib
+
+
+def image_files(root):
+    """Every image under root (sorted), and each one's class: its folder's name."""
+    files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in data_lib.IMAGE_EXTENSIONS)
+    if not files:
+        raise data_lib.DataError(f"no images found under {str(root)!r}")
+    return [str(p.resolve()) for p in files], [p.parent.name for p in files]
+
+
+@torch.no_grad()
+def embed(backbone, files, size, device, batch_size=256):
+    """L2-normalised CLS features (n, D) of image files, each resized and centre-cropped to size."""
+    images = data_lib.FolderImages(files, [0] * len(files), 1, size)
+    feats, _ = eval_lib.extract_features(backbone, images, size, device, batch_size)
+    return F.normalize(feats, dim=-1)
+
+
+@torch.no_grad()
+def nearest(queries, keys, k, skip_self=False, chunk=1024):
+    """The k largest cosine similarities of each query among the keys, and their indices: (n, k)
+    each, computed chunk by chunk (chunk x len(keys) similarities at a time). skip_self: queries
+    and keys are the same set, an image is not its own neighbour."""
+    k = min(k, len(keys) - int(skip_self))
+    sims, index = [], []
+    for start in range(0, len(queries), chunk):
+        s = queries[start:start + chunk] @ keys.T
+        if skip_self:
+            rows = torch.arange(len(s), device=s.device)
+            s[rows, rows + start] = -float("inf")
+        v, i = s.topk(k, dim=1)
+        sims.append(v)
+        index.append(i)
+    return torch.cat(sims), torch.cat(index)
+
+
+def connected_components(n, edges):
+    """Disjoint sets over n items joined by edges: each item's component, named by its smallest
+    member (the representative that deduplication keeps)."""
+    parent = list(range(n))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]  # path halving
+            i = parent[i]
+        return i
+    for a, b in edges:
+        ra, rb = find(a), find(b)
+        parent[max(ra, rb)] = min(ra, rb)
+    return [find(i) for i in range(n)]
+
+
+def deduplicate(pool, threshold, k=64, exclude=None, exclude_threshold=None):
+    """Indices of the pool images kept (sorted): one per component of the graph linking each image
+    to those of its k nearest neighbours above `threshold` (self-deduplication), less those above
+    `exclude_threshold` to any `exclude` feature (relative deduplication)."""
+    sims, index = nearest(pool, pool, k, skip_self=True)
+    pairs = (sims > threshold).nonzero().tolist()
+    component = connected_components(len(pool), [(i, int(index[i, j])) for i, j in pairs])
+    keep = torch.tensor([i for i in range(len(pool)) if component[i] == i], dtype=torch.long)
+    if exclude is not None and len(exclude) and len(keep):
+        closest, _ = nearest(pool[keep], exclude, 1)
+        keep = keep[closest[:, 0] <= exclude_threshold]
+    return keep
+
+
+def retrieve(curated, pool, keep, n):
+    """Sample-based retrieval: for each curated image, the pool indices (among `keep`) of its n
+    nearest neighbours, (len(curated), n)."""
+    _, index = nearest(curated, pool[keep], n)
+    return keep.to(index.device)[index]
+
+
+def curate(curated_files, curated_labels, pool_files, backbone, size, device, args, exclude_files=()):
+    """The pipeline on file lists; returns (list entries [(path, class)], report dict)."""
+    print(f"embedding {len(curated_files)} curated and {len(pool_files)} pool images at {size}x{size} ...")
+    curated, pool = embed(backbone, curated_files, size, device), embed(backbone, pool_files, size, device)
+    exclude = embed(backbone, list(exclude_files), size, device) if exclude_files else None
+    keep = deduplicate(pool, args.dedup_threshold, args.dedup_k, exclude, args.exclude_threshold)
+    retrieved = retrieve(curated, pool, keep, args.neighbours)
+    entries, taken = list(zip(curated_files, curated_labels)), set()
+    for q, row in enumerate(retrieved.tolist()):
+        for i in row:
+            if i not in taken:
+                taken.add(i)
+                entries.append((pool_files[i], curated_labels[q]))
+    report = {"curated": len(curated_files), "pool": len(pool_files), "kept_after_dedup": len(keep),
+              "retrieved": len(taken), "written": len(entries)}
+    print(f"pool: {len(pool_files)} images, {len(keep)} kept after deduplication; {len(taken)} retrieved "
+          f"({args.neighbours} per curated image); the list holds {len(entries)} images")
+    return entries, report, {"keep": keep.tolist(), "retrieved": retrieved.tolist(), "pool": pool, "curated": curated}
+
+
+def write_list(path, entries):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text("".join(f"{file}\t{label}\n" for file, label in entries))
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# --demo: a curated set and a pool with planted copies and neighbours, to measure the pipeline.
+
+def write_demo(root, n_curated=200, n_pool=2000, n_dup_groups=100, n_planted=100, seed=0):
+    """root/curated/<class>/*.png (held-out synthetic images), root/pool/*.png (training images,
+    unrelated to the curated ones) with planted near-duplicates (each of n_dup_groups pool images
+    gets an exact and an augmented copy) and planted neighbours (an augmented copy of each of
+    n_planted curated images); root/planted.json names them."""
+    from torchvision.utils import save_image
+    train, held_out = data_lib.load_dataset("synthetic")
+    g = torch.Generator().manual_seed(seed)
+    root = Path(root)
+    names = data_lib.SHAPES
+
+    def save(img, path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(img.float() / 255, path)
+        return str(path.resolve())
+
+    curated = [save(held_out.images[i], root / "curated" / names[int(held_out.labels[i])] / f"{i:05d}.png")
+               for i in range(n_curated)]
+    pool_idx = torch.randperm(len(train), generator=g)[:n_pool]
+    pool = [save(train.images[i], root / "pool" / f"p{j:05d}.png") for j, i in enumerate(pool_idx.tolist())]
+    classes = {f: names[int(train.labels[i])] for f, i in zip(pool, pool_idx.tolist())}
+    groups, neighbours = [], {}
+    for j in range(n_dup_groups):
+        img = train.images[pool_idx[j]]
+        groups.append([pool[j], save(img, root / "pool" / f"p{j:05d}_copy.png"),
+                       save(augmented_copy(img, g), root / "pool" / f"p{j:05d}_aug.png")])
+        classes.update({f: classes[pool[j]] for f in groups[-1]})
+    for q in range(n_planted):
+        neighbours[curated[q]] = save(augmented_copy(held_out.images[q], g), root / "pool" / f"q{q:05d}_aug.png")
+        classes[neighbours[curated[q]]] = names[int(held_out.labels[q])]
+    (root / "planted.json").write_text(json.dumps({"duplicate_groups": groups, "neighbours": neighbours,
+                                                   "pool_classes": classes}))
+
+
+def augmented_copy(img, g):
+    """A near-duplicate as copy detection sees them: a crop of 70-100 % of the area resized back,
+    a colour jitter, a light blur and a small overlaid square. img: (3, H, W) uint8."""
+    x = img.float().unsqueeze(0) / 255
+    H, W = x.shape[-2:]
+    boxes = data_lib.random_resized_crop_boxes(1, H, W, (0.7, 1.0), g)
+    x = data_lib.resized_crops(x, boxes, torch.zeros(1, dtype=torch.bool), H)
+    x = data_lib.color_jitter(x, g, 0.2, 0.2, 0.1, 0.02)
+    x = data_lib.gaussian_blur(x, torch.full((1,), 0.5))
+    s = max(2, H // 8)
+    i, j = (torch.randint(0, H - s, (2,), generator=g)).tolist()
+    x[..., i:i + s, j:j + s] = torch.rand(3, 1, 1, generator=g)
+    return (x.clamp(0, 1)[0] * 255).round().to(torch.uint8)
+
+
+def score(planted, pool_files, curated_files, curated_labels, result):
+    """Precision and recall of the planted structure. Deduplication: a removed image is right if
+    it belongs to a planted group (whose members but one should go). Retrieval: recall of each
+    planted neighbour among its curated image's retrieved ones; precision: the retrieved images of
+    the curated image's class (planted.json records the pool's classes). And the similarities that
+    thresholds are chosen from: augmented copy to original, and each unrelated pool image's nearest
+    neighbour."""
+    keep, retrieved, feats = result["keep"], result["retrieved"], result["pool"]
+    kept = {pool_files[i] for i in keep}
+    removed = set(pool_files) - kept
+    in_groups = {f for grp in planted["duplicate_groups"] for f in grp}
+    should_go = sum(len(grp) - 1 for grp in planted["duplicate_groups"])
+    hit = len(removed & in_groups)
+    every_group_kept = all(any(f in kept for f in grp) for grp in planted["duplicate_groups"])
+    row = {f: r for f, r in zip(curated_files, retrieved)}
+    found = sum(pool_files.index(n) in row[q] for q, n in planted["neighbours"].items())
+    same_class = [planted["pool_classes"][pool_files[i]] == curated_labels[q]
+                  for q, r in enumerate(retrieved) for i in r]
+    at = {f: i for i, f in enumerate(pool_files)}
+    copy_sims = torch.stack([feats[at[grp[0]]] @ feats[at[grp[-1]]] for grp in planted["duplicate_groups"]])
+    planted_files = in_groups | set(planted["neighbours"].values())
+    others = torch.tensor([i for i, f in enumerate(pool_files) if f not in planted_files])
+    other_sims, _ = nearest(feats[others], feats[others], 1, skip_self=True)
+    return {"dedup_precision": hit / max(len(removed), 1), "dedup_recall": hit / max(should_go, 1),
+            "every_group_keeps_one": every_group_kept,
+            "retrieval_recall": found / max(len(planted["neighbours"]), 1),
+            "retrieval_precision_same_class": sum(same_class) / max(len(same_class), 1),
+            "augmented_copy_similarity_min_median": [copy_sims.min().item(), copy_sims.median().item()],
+            "unrelated_nearest_similarity_median_max": [other_sims.median().item(), other_sims.max().item()]}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--checkpoint", required=True, help="backbone: any checkpoint eval.py reads (teacher)")
+    p.add_argument("--curated", help="folder of curated images (class sub-folders name the classes)")
+    p.add_argument("--pool", help="folder of uncurated images (any layout)")
+    p.add_argument("--exclude", default="", help="folder of images to keep out (a benchmark's test set)")
+    p.add_argument("--output", default="curated.txt", help="the file list to write")
+    p.add_argument("--demo", default="", help="write a synthetic curated set and pool with planted "
+                   "copies here, curate it, print precision and recall")
+    p.add_argument("--image_size", type=int, default=0, help="embedding size (default: the checkpoint's global crop size)")
+    p.add_argument("--dedup_threshold", type=float, default=0.95, help="cosine similarity above which two pool images are copies")
+    p.add_argument("--dedup_k", type=int, default=64, help="neighbours examined per pool image (paper: 64)")
+    p.add_argument("--exclude_threshold", type=float, default=0.95, help="similarity to --exclude that removes a pool image")
+    p.add_argument("--neighbours", type=int, default=4, help="pool images retrieved per curated image (paper: 4)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    try:
+        backbone, cfg = eval_lib.load_backbone(args.checkpoint, torch.device(args.device))
+        size = args.image_size or (cfg or {}).get("global_crops_size", 224)
+        if args.demo:
+            write_demo(args.demo)
+            args.curated, args.pool = f"{args.demo}/curated", f"{args.demo}/pool"
+            args.output = f"{args.demo}/curated.txt"
+        if not args.curated or not args.pool:
+            p.error("give --curated and --pool (or --demo DIR)")
+        curated_files, curated_labels = image_files(args.curated)
+        pool_files, _ = image_files(args.pool)
+        exclude_files = image_files(args.exclude)[0] if args.exclude else ()
+        entries, report, result = curate(curated_files, curated_labels, pool_files, backbone, size,
+                                         torch.device(args.device), args, exclude_files)
+    except (ValueError, data_lib.DataError) as e:
+        sys.exit(f"error: {e}")
+    write_list(args.output, entries)
+    print(f"wrote {args.output}: train on it with --data list --data_path {args.output}")
+    if args.demo:
+        planted = json.loads(Path(args.demo, "planted.json").read_text())
+        report.update(score(planted, pool_files, curated_files, curated_labels, result))
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()
