@@ -173,49 +173,49 @@ def write_demo(root, n_curated=200, n_pool=2000, n_dup_groups=100, n_planted=100
 
 
 def augmented_copy(img, g):
-    """A near-duplicate as copy detection sees them: a crop of 70-100 % of the area resized back,
-    a colour jitter, a light blur and a small overlaid square. img: (3, H, W) uint8."""
+    """A near-duplicate as the web has them (re-encoded, recoloured, stamped, trimmed): a crop of
+    90-100 % of the area resized back, a colour jitter of 0.1, a blur of σ 0.5 pixel and a small
+    overlaid square. img: (3, H, W) uint8."""
     x = img.float().unsqueeze(0) / 255
     H, W = x.shape[-2:]
-    boxes = data_lib.random_resized_crop_boxes(1, H, W, (0.7, 1.0), g)
+    boxes = data_lib.random_resized_crop_boxes(1, H, W, (0.9, 1.0), g)
     x = data_lib.resized_crops(x, boxes, torch.zeros(1, dtype=torch.bool), H)
-    x = data_lib.color_jitter(x, g, 0.2, 0.2, 0.1, 0.02)
+    x = data_lib.color_jitter(x, g, 0.1, 0.1, 0.05, 0.0)
     x = data_lib.gaussian_blur(x, torch.full((1,), 0.5))
-    s = max(2, H // 8)
+    s = max(2, H // 12)
     i, j = (torch.randint(0, H - s, (2,), generator=g)).tolist()
     x[..., i:i + s, j:j + s] = torch.rand(3, 1, 1, generator=g)
     return (x.clamp(0, 1)[0] * 255).round().to(torch.uint8)
 
 
 def score(planted, pool_files, curated_files, curated_labels, result):
-    """Precision and recall of the planted structure. Deduplication: a removed image is right if
-    it belongs to a planted group (whose members but one should go). Retrieval: recall of each
-    planted neighbour among its curated image's retrieved ones; precision: the retrieved images of
-    the curated image's class (planted.json records the pool's classes). And the similarities that
-    thresholds are chosen from: augmented copy to original, and each unrelated pool image's nearest
-    neighbour."""
+    """Precision and recall against the planted structure. Deduplication: the exact and augmented
+    copies should go and their originals stay (a removed original counts against precision).
+    Retrieval: recall of each planted neighbour among its curated image's retrieved ones, and the
+    fraction of retrieved images of the curated image's class (planted.json records the pool's
+    classes). And the similarities thresholds are chosen from: augmented copy to its original,
+    and each unrelated pool image's nearest neighbour."""
     keep, retrieved, feats = result["keep"], result["retrieved"], result["pool"]
-    kept = {pool_files[i] for i in keep}
-    removed = set(pool_files) - kept
-    in_groups = {f for grp in planted["duplicate_groups"] for f in grp}
-    should_go = sum(len(grp) - 1 for grp in planted["duplicate_groups"])
-    hit = len(removed & in_groups)
-    every_group_kept = all(any(f in kept for f in grp) for grp in planted["duplicate_groups"])
+    removed = set(pool_files) - {pool_files[i] for i in keep}
+    groups = planted["duplicate_groups"]                     # [original, exact copy, augmented copy]
+    exact, augmented = {grp[1] for grp in groups}, {grp[2] for grp in groups}
     row = {f: r for f, r in zip(curated_files, retrieved)}
-    found = sum(pool_files.index(n) in row[q] for q, n in planted["neighbours"].items())
+    at = {f: i for i, f in enumerate(pool_files)}
+    found = sum(at[n] in row[q] for q, n in planted["neighbours"].items())
     same_class = [planted["pool_classes"][pool_files[i]] == curated_labels[q]
                   for q, r in enumerate(retrieved) for i in r]
-    at = {f: i for i, f in enumerate(pool_files)}
-    copy_sims = torch.stack([feats[at[grp[0]]] @ feats[at[grp[-1]]] for grp in planted["duplicate_groups"]])
-    planted_files = in_groups | set(planted["neighbours"].values())
+    copy_sims = torch.stack([feats[at[grp[0]]] @ feats[at[grp[2]]] for grp in groups])
+    planted_files = {f for grp in groups for f in grp} | set(planted["neighbours"].values())
     others = torch.tensor([i for i, f in enumerate(pool_files) if f not in planted_files])
     other_sims, _ = nearest(feats[others], feats[others], 1, skip_self=True)
-    return {"dedup_precision": hit / max(len(removed), 1), "dedup_recall": hit / max(should_go, 1),
-            "every_group_keeps_one": every_group_kept,
-            "retrieval_recall": found / max(len(planted["neighbours"]), 1),
-            "retrieval_precision_same_class": sum(same_class) / max(len(same_class), 1),
-            "augmented_copy_similarity_min_median": [copy_sims.min().item(), copy_sims.median().item()],
-            "unrelated_nearest_similarity_median_max": [other_sims.median().item(), other_sims.max().item()]}
+    r = lambda x: round(x, 3)
+    return {"dedup_precision": r(len(removed & (exact | augmented)) / max(len(removed), 1)),
+            "dedup_recall_exact": r(len(removed & exact) / len(exact)),
+            "dedup_recall_augmented": r(len(removed & augmented) / len(augmented)),
+            "retrieval_recall_planted": r(found / max(len(planted["neighbours"]), 1)),
+            "retrieval_precision_same_class": r(sum(same_class) / max(len(same_class), 1)),
+            "augmented_copy_similarity_min_median": [r(copy_sims.min().item()), r(copy_sims.median().item())],
+            "unrelated_nearest_similarity_median_max": [r(other_sims.median().item()), r(other_sims.max().item())]}
 
 
 def main(argv=None):
@@ -228,30 +228,40 @@ def main(argv=None):
     p.add_argument("--output", default="curated.txt", help="the file list to write")
     p.add_argument("--demo", default="", help="write a synthetic curated set and pool with planted "
                    "copies here, curate it, print precision and recall")
-    p.add_argument("--image_size", type=int, default=0, help="embedding size (default: the checkpoint's global crop size)")
-    p.add_argument("--dedup_threshold", type=float, default=0.95, help="cosine similarity above which two pool images are copies")
+    p.add_argument("--image_size", type=int, default=0, help="embedding size (default: the checkpoint's "
+                   "global crop size)")
+    p.add_argument("--dedup_threshold", type=float, default=0.97,
+                   help="cosine similarity above which two pool images are copies")
     p.add_argument("--dedup_k", type=int, default=64, help="neighbours examined per pool image (paper: 64)")
-    p.add_argument("--exclude_threshold", type=float, default=0.95, help="similarity to --exclude that removes a pool image")
+    p.add_argument("--exclude_threshold", type=float, default=0.97,
+                   help="similarity to an --exclude image that removes a pool image")
     p.add_argument("--neighbours", type=int, default=4, help="pool images retrieved per curated image (paper: 4)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    for name in ("dedup_threshold", "exclude_threshold"):
+        if not -1 <= getattr(args, name) <= 1:
+            p.error(f"--{name} is a cosine similarity, in [-1, 1]; got {getattr(args, name)}")
+    for name in ("dedup_k", "neighbours"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1; got {getattr(args, name)}")
+    if not args.demo and not (args.curated and args.pool):
+        p.error("give --curated and --pool (or --demo DIR)")
     try:
-        backbone, cfg = eval_lib.load_backbone(args.checkpoint, torch.device(args.device))
+        device = torch.device(args.device)
+        backbone, cfg = eval_lib.load_backbone(args.checkpoint, device)
         size = args.image_size or (cfg or {}).get("global_crops_size", 224)
         if args.demo:
             write_demo(args.demo)
             args.curated, args.pool = f"{args.demo}/curated", f"{args.demo}/pool"
             args.output = f"{args.demo}/curated.txt"
-        if not args.curated or not args.pool:
-            p.error("give --curated and --pool (or --demo DIR)")
         curated_files, curated_labels = image_files(args.curated)
         pool_files, _ = image_files(args.pool)
         exclude_files = image_files(args.exclude)[0] if args.exclude else ()
-        entries, report, result = curate(curated_files, curated_labels, pool_files, backbone, size,
-                                         torch.device(args.device), args, exclude_files)
-    except (ValueError, data_lib.DataError) as e:
+        entries, report, result = curate(curated_files, curated_labels, pool_files, backbone, size, device,
+                                         args, exclude_files)
+        write_list(args.output, entries)
+    except (ValueError, RuntimeError, OSError, data_lib.DataError) as e:
         sys.exit(f"error: {e}")
-    write_list(args.output, entries)
     print(f"wrote {args.output}: train on it with --data list --data_path {args.output}")
     if args.demo:
         planted = json.loads(Path(args.demo, "planted.json").read_text())

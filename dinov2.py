@@ -183,11 +183,11 @@ class DINOv2Net(nn.Module):
         out = self.head(torch.cat([cls, patches]))
         return out[:len(cls)], out[len(cls):]
 
-    def forward(self, global_crops, local_crops, masks, mask_tokens=True):
-        """Student: global crops with the masked patches replaced by the mask token (unless
-        mask_tokens is False: the patches are only selected), local crops.
+    def forward(self, global_crops, local_crops, masks):
+        """Student: global crops with the masked patches replaced by the mask token (a backbone
+        without one, distillation's, only selects them), local crops.
         -> CLS logits of all crops (globals first), masked-patch logits, global CLS features."""
-        g = self.backbone.forward_features(global_crops, masks if mask_tokens else None)
+        g = self.backbone.forward_features(global_crops, masks if self.backbone.mask_token is not None else None)
         cls_g, patches = g["x_norm_clstoken"], g["x_norm_patchtokens"][masks]   # (2B, D), (M, D)
         cls = torch.cat([cls_g, self.backbone(local_crops)]) if local_crops is not None else cls_g
         cls_out, patch_out = self.heads(cls, patches)
@@ -228,14 +228,14 @@ def param_groups(student, layerwise_decay, patch_embed_lr_mult):
 # ----------------------------------------------------------------------------------------------
 # The method
 
-def student_and_teacher(cfg, make_head):
+def student_and_teacher(cfg, make_head, mask_token=True):
     """DINOv2Net student and teacher on the DINOv2 backbone (mask token, LayerScale, registers,
     SwiGLU, uniform drop path); the teacher a frozen copy, without stochastic depth."""
     def net(drop_path_rate):
         backbone = build_vit(cfg.arch, cfg.patch_size, img_size=cfg.global_crops_size,
                              drop_path_rate=drop_path_rate, drop_path_uniform=cfg.drop_path_uniform,
                              layerscale=cfg.layerscale or None, num_register_tokens=cfg.num_register_tokens,
-                             ffn_layer=cfg.ffn_layer, use_mask_token=True, attn_backend=cfg.attn_backend,
+                             ffn_layer=cfg.ffn_layer, use_mask_token=mask_token, attn_backend=cfg.attn_backend,
                              interpolate_offset=cfg.interpolate_offset, efficient_drop_path=cfg.efficient_drop_path,
                              interpolate_antialias=cfg.interpolate_antialias)
         return DINOv2Net(backbone, make_head(), make_head() if cfg.ibot_separate_head else None)
@@ -295,7 +295,8 @@ class DINOv2(nn.Module):
         self.cfg, self.steps_per_epoch = cfg, steps_per_epoch
         if cfg.distill_from:  # §5: "remove the masking and stochastic depth"
             cfg = dataclasses.replace(cfg, drop_path_rate=0.0)
-        self.student, self.teacher = student_and_teacher(cfg, lambda: dino_head(cfg))
+        self.student, self.teacher = student_and_teacher(cfg, lambda: dino_head(cfg),
+                                                         mask_token=not cfg.distill_from)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))        # C
         self.register_buffer("center_patch", torch.zeros(1, cfg.out_dim))  # C_p
         self.frozen = None
@@ -341,7 +342,7 @@ class DINOv2(nn.Module):
             p_cls = sinkhorn_knopp(t_cls, tau_t)
             p_patch = sinkhorn_knopp(t_patch, tau_t)
 
-        s_cls, s_patch, s_cls_backbone = self.student(global_crops, local_crops, masks, self.frozen is None)
+        s_cls, s_patch, s_cls_backbone = self.student(global_crops, local_crops, masks)
         dino_term = dino.cross_entropy_pairs(s_cls, p_cls, cfg.student_temp)   # §4 image-level: ℒ_DINO
         koleo = sum(koleo_loss(x) for x in s_cls_backbone.chunk(2))  # §4 ℒ_koleo, per global crop, not across them
         ibot = ibot_loss(s_patch, p_patch, weights, 2 * B, cfg.student_temp)   # §4 patch-level: ℒ_iBOT

@@ -42,7 +42,7 @@ def train_args(method, folder, out, workers):
     return [f"{method}.py", "--data", "imagefolder", "--data_path", folder, "--output_dir", out,
             "--device", "cpu", "--batch_size_per_gpu", "16", "--epochs", "3", "--eval_every", "0",
             "--num_workers", str(workers), "--checkpoint_minutes", "1e-9",  # a checkpoint every step
-            "--drop_path_rate", "0.1"]                                     # random draws in the model too
+            "--drop_path_rate", "0.4"]              # random draws in the model too (DINOv2: efficient path)
 
 
 def run_killed_at(args, kill_step):
@@ -66,7 +66,7 @@ def final_state(out):
     return torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)
 
 
-@pytest.mark.parametrize("method", ["dino", "simdino"])
+@pytest.mark.parametrize("method", ["dinov2"])  # the most random draws per step: masks, drop path, crops
 def test_killed_runs_resume_bit_for_bit(method, folder, tmp_path):
     ref = str(tmp_path / "ref")
     r = run(train_args(method, folder, ref, 0))
