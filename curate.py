@@ -46,11 +46,30 @@ def image_files(root):
 
 
 @torch.no_grad()
-def embed(backbone, files, size, device, batch_size=256):
-    """L2-normalised CLS features (n, D) of image files, each resized and centre-cropped to size."""
+def embed(backbone, files, size, device, batch_size=256, grid=4):
+    """Two descriptors of each image file (resized and centre-cropped to size): the CLS token
+    (n, D), what retrieval compares, and the patch tokens average-pooled to a grid x grid map
+    (n, grid²·D), what copy detection compares (see copy_descriptors)."""
+    def both(x):
+        out = backbone.forward_features(x)
+        p = out["x_norm_patchtokens"]                                    # (B, N, D)
+        B, N, D = p.shape
+        side = int(N ** 0.5)
+        p = F.adaptive_avg_pool2d(p.transpose(1, 2).reshape(B, D, side, side), min(grid, side))
+        return torch.cat([out["x_norm_clstoken"], p.flatten(1)], dim=1)
     images = data_lib.FolderImages(files, [0] * len(files), 1, size)
-    feats, _ = eval_lib.extract_features(backbone, images, size, device, batch_size)
-    return F.normalize(feats, dim=-1)
+    feats, _ = eval_lib.extract_features(both, images, size, device, batch_size)
+    D = backbone.embed_dim
+    return F.normalize(feats[:, :D], dim=-1), feats[:, D:]
+
+
+def copy_descriptors(maps, mean):
+    """Copy detection needs an instance-level, position-sensitive descriptor; the paper uses SSCD,
+    a model trained for it. Here the coarse patch-token map stands in: centred on the pool's
+    mean map (what all images share says nothing about copies) and L2-normalised. On the --demo
+    data it tells augmented copies from look-alikes where the CLS token, trained to ignore crops
+    and to gather images of a class, cannot (README, "curation")."""
+    return F.normalize(maps - mean, dim=-1)
 
 
 @torch.no_grad()
@@ -111,9 +130,12 @@ def retrieve(curated, pool, keep, n):
 def curate(curated_files, curated_labels, pool_files, backbone, size, device, args, exclude_files=()):
     """The pipeline on file lists; returns (list entries [(path, class)], report dict)."""
     print(f"embedding {len(curated_files)} curated and {len(pool_files)} pool images at {size}x{size} ...")
-    curated, pool = embed(backbone, curated_files, size, device), embed(backbone, pool_files, size, device)
-    exclude = embed(backbone, list(exclude_files), size, device) if exclude_files else None
-    keep = deduplicate(pool, args.dedup_threshold, args.dedup_k, exclude, args.exclude_threshold)
+    curated, _ = embed(backbone, curated_files, size, device)
+    pool, pool_maps = embed(backbone, pool_files, size, device)
+    mean = pool_maps.mean(dim=0)
+    copies = copy_descriptors(pool_maps, mean)
+    exclude = copy_descriptors(embed(backbone, list(exclude_files), size, device)[1], mean) if exclude_files else None
+    keep = deduplicate(copies, args.dedup_threshold, args.dedup_k, exclude, args.exclude_threshold)
     retrieved = retrieve(curated, pool, keep, args.neighbours)
     entries, taken = list(zip(curated_files, curated_labels)), set()
     for q, row in enumerate(retrieved.tolist()):
@@ -125,7 +147,7 @@ def curate(curated_files, curated_labels, pool_files, backbone, size, device, ar
               "retrieved": len(taken), "written": len(entries)}
     print(f"pool: {len(pool_files)} images, {len(keep)} kept after deduplication; {len(taken)} retrieved "
           f"({args.neighbours} per curated image); the list holds {len(entries)} images")
-    return entries, report, {"keep": keep.tolist(), "retrieved": retrieved.tolist(), "pool": pool, "curated": curated}
+    return entries, report, {"keep": keep.tolist(), "retrieved": retrieved.tolist(), "copies": copies}
 
 
 def write_list(path, entries):
@@ -195,7 +217,7 @@ def score(planted, pool_files, curated_files, curated_labels, result):
     fraction of retrieved images of the curated image's class (planted.json records the pool's
     classes). And the similarities thresholds are chosen from: augmented copy to its original,
     and each unrelated pool image's nearest neighbour."""
-    keep, retrieved, feats = result["keep"], result["retrieved"], result["pool"]
+    keep, retrieved, feats = result["keep"], result["retrieved"], result["copies"]
     removed = set(pool_files) - {pool_files[i] for i in keep}
     groups = planted["duplicate_groups"]                     # [original, exact copy, augmented copy]
     exact, augmented = {grp[1] for grp in groups}, {grp[2] for grp in groups}
@@ -230,10 +252,10 @@ def main(argv=None):
                    "copies here, curate it, print precision and recall")
     p.add_argument("--image_size", type=int, default=0, help="embedding size (default: the checkpoint's "
                    "global crop size)")
-    p.add_argument("--dedup_threshold", type=float, default=0.97,
+    p.add_argument("--dedup_threshold", type=float, default=0.85,
                    help="cosine similarity above which two pool images are copies")
     p.add_argument("--dedup_k", type=int, default=64, help="neighbours examined per pool image (paper: 64)")
-    p.add_argument("--exclude_threshold", type=float, default=0.97,
+    p.add_argument("--exclude_threshold", type=float, default=0.85,
                    help="similarity to an --exclude image that removes a pool image")
     p.add_argument("--neighbours", type=int, default=4, help="pool images retrieved per curated image (paper: 4)")
     p.add_argument("--device", default="cpu")
@@ -251,7 +273,8 @@ def main(argv=None):
         backbone, cfg = eval_lib.load_backbone(args.checkpoint, device)
         size = args.image_size or (cfg or {}).get("global_crops_size", 224)
         if args.demo:
-            write_demo(args.demo)
+            if not Path(args.demo, "planted.json").exists():  # else reuse it (to try other thresholds)
+                write_demo(args.demo)
             args.curated, args.pool = f"{args.demo}/curated", f"{args.demo}/pool"
             args.output = f"{args.demo}/curated.txt"
         curated_files, curated_labels = image_files(args.curated)

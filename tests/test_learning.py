@@ -71,3 +71,18 @@ def test_simdinov2_learns(tmp_path, baselines):
     log = short_run(tmp_path, simdinov2, simdinov2.SimDINOv2Config, simdinov2.SimDINOv2, epochs=2)
     assert log[-1]["train_loss"] < log[0]["train_loss"]
     assert log[-1]["knn_top1"] > max(baselines.values()) + 5, (log[-1]["knn_top1"], baselines)
+
+
+def test_curation_removes_planted_copies_and_retrieves_planted_neighbours(dinov2_run, tmp_path, capsys):
+    """curate.py --demo with the 2-epoch DINOv2 backbone: a pool of 2,000 synthetic images with
+    100 planted exact and 100 augmented copies, and an augmented copy of 100 of the 200 curated
+    images. Measured with this backbone: exact copies all removed, augmented ones 66 %, precision
+    0.99, planted neighbours retrieved 81 % (README, "curation")."""
+    import curate
+    _, checkpoint = dinov2_run
+    curate.main(["--demo", str(tmp_path / "demo"), "--checkpoint", str(checkpoint)])
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["dedup_recall_exact"] == 1.0 and report["dedup_precision"] > 0.9, report
+    assert report["dedup_recall_augmented"] > 0.4 and report["retrieval_recall_planted"] > 0.6, report
+    train_set, held_out = data.load_dataset("list", str(tmp_path / "demo" / "curated.txt"), eval_size=32)
+    assert len(train_set) + len(held_out) == report["written"] and train_set.classes == 10
