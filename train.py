@@ -160,8 +160,11 @@ def clip_gradients(params, clip):
 
 
 def adamw(groups, device):
-    """AdamW with its fused kernel (one pass over all parameters; CUDA and, since torch 2.4, CPU)."""
-    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, fused=device.type in ("cuda", "cpu"))
+    """AdamW, with its fused kernel (one pass over all parameters) on GPU. On CPU the fused kernel
+    is 4-5x faster too (36 vs 178 ms for ViT-tiny/4 with DINO's 65,536 prototypes, 2 threads) but
+    only 2-3 % of a step, and its rounding would change every deterministic number in the README:
+    left for the next full re-measurement."""
+    return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, fused=device.type == "cuda")
 
 
 def speed_up(method, cfg):
