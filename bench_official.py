@@ -119,7 +119,7 @@ def official_step_fn(name, official_dir, method, cfg):
     return step
 
 
-def setup(name, official_dir, sides):
+def setup(name, official_dir, sides, compile_blocks=False):
     """Our method and config for `name`, the crops, and the step functions of the wanted sides."""
     sys.path.insert(0, ROOT)
     import data
@@ -127,7 +127,7 @@ def setup(name, official_dir, sides):
     module = __import__(name)
     Config, Method = {"dino": ("DINOConfig", "DINO"), "simdino": ("SimDINOConfig", "SimDINO")}[name]
     Config, Method = getattr(module, Config), getattr(module, Method)
-    cfg = train.config_cli(Config, module.PRESETS, ["--preset", "official"] + CPU_CONFIG)
+    cfg = train.config_cli(Config, module.PRESETS, ["--preset", "official", "--compile", str(compile_blocks)] + CPU_CONFIG)
     torch.manual_seed(0)
     method = Method(cfg, steps_per_epoch=1000)
     method.train()
@@ -152,9 +152,9 @@ def one_process_group():
     tdist.init_process_group("gloo", rank=0, world_size=1)
 
 
-def worker(name, official_dir, sides, steps, warmup):
+def worker(name, official_dir, sides, steps, warmup, compile_blocks=False):
     """Runs in a subprocess: alternate the sides, print one JSON line of per-step times."""
-    cfg, crops, fns = setup(name, official_dir, sides)
+    cfg, crops, fns = setup(name, official_dir, sides, compile_blocks)
     times = {s: [] for s in sides}
     for it in range(warmup + steps):
         order = sides if it % 2 == 0 else sides[::-1]
@@ -167,9 +167,9 @@ def worker(name, official_dir, sides, steps, warmup):
     print(json.dumps({"times": times, "max_rss": rss, "batch": cfg.batch_size_per_gpu}))
 
 
-def run_worker(name, official_dir, sides, steps, warmup, threads):
+def run_worker(name, official_dir, sides, steps, warmup, threads, compile_blocks=False):
     code = (f"import torch, bench_official as b; torch.set_num_threads({threads}); "
-            f"b.worker({name!r}, {official_dir!r}, {sides!r}, {steps}, {warmup})")
+            f"b.worker({name!r}, {official_dir!r}, {sides!r}, {steps}, {warmup}, {compile_blocks})")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{name} ({'/'.join(sides)}) failed:\n{proc.stderr[-3000:]}")
@@ -184,6 +184,7 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="timed steps per side")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--compile", action="store_true", help="ours with --compile true (compiled in warm-up)")
     args = p.parse_args()
     print(f"CPU, {args.threads} threads: ViT-tiny/4, batch 64, 2x32² + 6x16² crops, fp32; "
           f"{args.steps} timed steps per side, alternating; median seconds per step")
@@ -196,8 +197,8 @@ def main():
         if not os.path.isfile(os.path.join(official_dir, "main_dino.py")):
             print(f"{name:9s} skipped: no main_dino.py in {official_dir}")
             continue
-        r = run_worker(name, official_dir, ["official", "ours"], args.steps, args.warmup, args.threads)
-        mem = {side: run_worker(name, official_dir, [side], 2, 1, args.threads)["max_rss"] / 2 ** 20
+        r = run_worker(name, official_dir, ["official", "ours"], args.steps, args.warmup, args.threads, args.compile)
+        mem = {side: run_worker(name, official_dir, [side], 2, 1, args.threads, args.compile)["max_rss"] / 2 ** 20
                for side in ("official", "ours")}
         off, ours = r["times"]["official"], r["times"]["ours"]
         ratios = sorted(o / f for o, f in zip(ours, off))
