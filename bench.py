@@ -4,6 +4,7 @@
     python bench.py --device cuda            # GPU: ViT-S/16, 2x224 + 10x96, batch 64, bf16
     python bench.py --method simdino ...     # any method file with the same contract
     python bench.py --drop_path 0.4          # stochastic depth: the branches on the kept samples only vs all
+    torchrun --nproc_per_node=2 bench.py --threads 1 --config default   # scaling: DDP over processes
 
 A step is everything the loop does per batch: multi-crop augmentation of uint8 images, teacher
 and student forward, loss, backward, clipping, AdamW, EMA. Numbers are printed, never asserted.
@@ -20,6 +21,7 @@ import torch
 
 import data as data_lib
 import train as train_lib
+from kernels import distributed as dist
 from vit import ARCHS, build_vit
 
 
@@ -68,6 +70,7 @@ def bench(module, overrides, device, steps=10, warmup=3):
     cfg = Config(**{k: v for k, v in {**presets["synthetic"], **overrides, "device": device.type}.items() if k in names})
     method = Method(cfg, steps_per_epoch=1000).to(device)
     groups = method.param_groups()
+    method.student = dist.wrap_ddp(method.student, device)   # under torchrun: DDP, as train.py
     opt = torch.optim.AdamW(groups, lr=1e-4, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     augment = data_lib.MultiCrop(cfg.global_crops_size, cfg.local_crops_size, cfg.global_crops_scale,
@@ -90,7 +93,7 @@ def bench(module, overrides, device, steps=10, warmup=3):
         train_lib.clip_gradients([p for g in groups for p in g["params"]], cfg.clip_grad)
         scaler.step(opt)
         scaler.update()
-        train_lib.ema_update(method.student, method.teacher, 0.996)
+        train_lib.ema_update(dist.unwrap(method.student), method.teacher, 0.996)
         sync()
         if i >= warmup:
             times.append(time.perf_counter() - t)
@@ -100,7 +103,8 @@ def bench(module, overrides, device, steps=10, warmup=3):
     res = {"method": module.__name__, "arch": f"{cfg.arch}/{cfg.patch_size}",
            "crops": f"2x{cfg.global_crops_size}+{cfg.local_crops_number}x{cfg.local_crops_size}",
            "batch": B, "precision": cfg.precision, "device": str(device), "median_step_s": round(step, 4),
-           "images_per_s": round(B / step, 1), "peak_memory_MiB": round(peak / 2 ** 20),
+           "images_per_s": round(B / step, 1), "processes": dist.world_size(),
+           "images_per_s_all_processes": round(B * dist.world_size() / step, 1), "peak_memory_MiB": round(peak / 2 ** 20),
            "peak_is": "max allocated" if device.type == "cuda" else "process max RSS"}
     # model FLOPs: student forward + backward (3x) on all crops, teacher forward on the globals
     g = vit_forward_flops(cfg.arch, cfg.patch_size, cfg.global_crops_size, B)
@@ -150,6 +154,8 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--drop_path", type=float, default=0.0, help="benchmark stochastic depth at this rate instead")
+    p.add_argument("--config", default="all", choices=("all", "default", "vits16"),
+                   help="CPU: the default synthetic config, ViT-S/16 at batch 8, or both")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.drop_path:
@@ -157,17 +163,19 @@ def main():
         print(json.dumps(drop_path_bench(args.drop_path, torch.device(args.device), batch=batch)), flush=True)
         return
     module = importlib.import_module(args.method)
-    device = torch.device(args.device)
+    device = dist.setup(args.device)     # a process group under torchrun (Gloo on CPU), else nothing
     vits16 = dict(arch="vit_small", patch_size=16, global_crops_size=224, local_crops_size=96,
                   local_crops_number=10, out_dim=65536, head_hidden_dim=2048, head_bottleneck_dim=256,
                   drop_path_rate=0.1)
     if device.type == "cpu":
-        configs = [{}, dict(vits16, batch_size_per_gpu=8)]
+        configs = {"all": [{}, dict(vits16, batch_size_per_gpu=8)], "default": [{}],
+                   "vits16": [dict(vits16, batch_size_per_gpu=8)]}[args.config]
     else:
         configs = [dict(vits16, batch_size_per_gpu=64, precision="bf16"),
                    dict(vits16, arch="vit_base", batch_size_per_gpu=64, precision="bf16")]
     for overrides in configs:
-        print(json.dumps(bench(module, overrides, device, steps=args.steps)), flush=True)
+        dist.print0(json.dumps(bench(module, overrides, device, steps=args.steps)))
+    dist.cleanup()
 
 
 if __name__ == "__main__":
