@@ -155,6 +155,14 @@ EXERCISES = [
              "divided by n_images. student/teacher_patch_out (M, d), weights (M,). Scalar.",
              ("tests/test_simdinov2.py::test_patch_loss_against_a_transcription",
               "tests/test_simdinov2.py::test_step_is_cls_loss_plus_patch_loss")),
+    Exercise("drop_add_residual", "vit.py", "drop_add_residual", "DINOv2 §5, efficient stochastic "
+             "depth (official drop_add_residual_stochastic_depth)",
+             "x + branch(x) with stochastic depth at rate p, the branch run only on the kept samples: "
+             "k = max(⌊B(1−p)⌋, 1) samples drawn with torch.randperm, their branch output scaled by "
+             "B/k and added to their rows (torch.index_add); the other samples pass unchanged. "
+             "x (B, T, D); branch maps (k, T, D) to (k, T, D). Same expectation as DropPath.",
+             ("tests/test_vit.py::test_efficient_drop_path_has_the_plain_expectation",
+              "tests/test_vit.py::test_efficient_drop_path_equals_plain_on_the_kept_samples")),
 ]
 
 
