@@ -281,7 +281,8 @@ def check_config(cfg):
     if cfg.data == "imagefolder":
         need(cfg.data_path != "", "--data imagefolder needs --data_path ROOT")
     if cfg.data == "list":
-        need(os.path.isfile(cfg.data_path), f"--data list needs --data_path FILE, a list of images; got {cfg.data_path!r}")
+        need(os.path.isfile(cfg.data_path),
+             f"--data list needs --data_path FILE, a list of images; got {cfg.data_path!r}")
     elif cfg.data_path:
         need(os.path.isdir(cfg.data_path), f"--data_path {cfg.data_path!r} does not exist or is not a directory")
 
@@ -369,6 +370,9 @@ def train(cfg, Method):
     ckpt_path = out / "checkpoint.pth"
     cfg_dict = json.loads(json.dumps(dataclasses.asdict(cfg)))
     resume = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
+    if resume is not None:  # flags added since the checkpoint was written ran at their defaults
+        defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(cfg)}))
+        resume["config"] = {**defaults, **resume["config"]}
     if resume is not None and _comparable(resume["config"]) != _comparable(cfg_dict):
         diff = sorted(k for k in _comparable(cfg_dict) if resume["config"].get(k) != cfg_dict.get(k))
         if not cfg.overwrite:

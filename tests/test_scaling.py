@@ -102,6 +102,23 @@ def test_high_res_phase_switches_the_global_crops_in_the_last_epochs(tmp_path, m
                                             ["--high_res_epochs", "1", "--high_res_size", "50"]))
 
 
+def test_a_checkpoint_from_before_the_new_flags_resumes(tmp_path, monkeypatch):
+    """A run written before --high_res_* and --compile existed (its config lacks them) resumes:
+    missing flags count as their defaults; a changed flag is still refused."""
+    _small_synthetic(monkeypatch)
+    args = ["--batch_size_per_gpu", "32", "--eval_every", "0", "--output_dir", str(tmp_path)]
+    train.train(train.config_cli(dinov2.DINOv2Config, dinov2.PRESETS, args + ["--max_steps", "2"]), dinov2.DINOv2)
+    state = torch.load(tmp_path / "checkpoint.pth", weights_only=True)
+    for name in ("high_res_epochs", "high_res_size", "compile", "distill_from", "efficient_drop_path"):
+        del state["config"][name]
+    torch.save(state, tmp_path / "checkpoint.pth")
+    train.train(train.config_cli(dinov2.DINOv2Config, dinov2.PRESETS, args + ["--max_steps", "4"]), dinov2.DINOv2)
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [2, 4]
+    changed = args + ["--max_steps", "6", "--high_res_epochs", "1", "--high_res_size", "48"]
+    with pytest.raises(train.ConfigError, match="different config"):
+        train.train(train.config_cli(dinov2.DINOv2Config, dinov2.PRESETS, changed), dinov2.DINOv2)
+
+
 def test_image_list_dataset(tmp_path):
     from PIL import Image
     (tmp_path / "imgs" / "cat").mkdir(parents=True)
