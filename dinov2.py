@@ -271,7 +271,7 @@ def pretrained_teacher(cfg):
     _, teacher = student_and_teacher(dataclasses.replace(tcfg, distill_from=""), lambda: dino_head(tcfg))
     teacher.load_state_dict(ckpt["teacher"])
     dist.print0(f"distilling from {path}: frozen teacher {tcfg.arch}/{tcfg.patch_size} "
-          f"({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M parameters)")
+                f"({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M parameters)")
     return teacher.eval(), ckpt["method"]["center"], ckpt["method"]["center_patch"]
 
 
