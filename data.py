@@ -93,22 +93,71 @@ def make_synthetic(n, size=32, seed=0, copies=2, supersample=3):
         image = np.full(X.shape, rng.uniform(0.0, 0.35), np.float32)     # background level
         placed = []                                                        # (x, y, radius)
         for _ in range(copies):
-            for _attempt in range(100):                                    # no overlap
-                r = rng.uniform(0.12, 0.2) * size
-                cx, cy = size / 2 + rng.uniform(-1, 1, 2) * (size / 2 - 0.8 * r)
-                if all(np.hypot(cx - x, cy - y) > r + q for x, y, q in placed):
-                    break
-            placed.append((cx, cy, r))
+            cx, cy, r = _place(rng, size, placed, (0.12, 0.2))
             angle, mirror = rng.uniform(0, 2 * np.pi), rng.choice([-1.0, 1.0])
-            c, s = math.cos(angle), math.sin(angle)
-            dx, dy = (X - cx) / r, (Y - cy) / r
-            inside = shape_mask(SHAPES[labels[i]], c * dx + s * dy, (c * dy - s * dx) * mirror)
+            inside = _inside(SHAPES[labels[i]], X, Y, cx, cy, r, angle, mirror)
             image[inside] = rng.uniform(0.65, 1.0)                         # shape level
         images[i] = image.reshape(size, supersample, size, supersample).mean((1, 3))
-    images += rng.normal(0, 0.04, images.shape).astype(np.float32)
-    images = np.clip(images * 255 + 0.5, 0, 255).astype(np.uint8)
-    images = torch.from_numpy(images).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
-    return images, torch.from_numpy(labels)
+    return _to_uint8(images, rng), torch.from_numpy(labels)
+
+
+def _place(rng, size, placed, radius):
+    """Centre and radius of a new instance that overlaps none of `placed` (100 tries)."""
+    for _attempt in range(100):
+        r = rng.uniform(*radius) * size
+        cx, cy = size / 2 + rng.uniform(-1, 1, 2) * (size / 2 - 0.8 * r)
+        if all(np.hypot(cx - x, cy - y) > r + q for x, y, q in placed):
+            break
+    placed.append((cx, cy, r))
+    return cx, cy, r
+
+
+def _inside(shape, X, Y, cx, cy, r, angle, mirror):
+    c, s = math.cos(angle), math.sin(angle)
+    dx, dy = (X - cx) / r, (Y - cy) / r
+    return shape_mask(shape, c * dx + s * dy, (c * dy - s * dx) * mirror)
+
+
+def _to_uint8(images, rng):
+    """Float grey images (..., H, W) in [0, 1] + pixel noise -> uint8 (..., 3, H, W)."""
+    images = images + rng.normal(0, 0.04, images.shape).astype(np.float32)
+    images = torch.from_numpy(np.clip(images * 255 + 0.5, 0, 255).astype(np.uint8)).unsqueeze(-3)
+    return images.expand(*images.shape[:-3], 3, -1, -1).contiguous()
+
+
+def make_scenes(n, frames=1, size=64, objects=3, seed=0, supersample=3):
+    """Scenes for the dense evaluations: n clips of `frames` grey frames (n, frames, 3, size, size)
+    uint8, their instance maps (n, frames, size, size) uint8 (0 background, k for object k, the
+    later object in front) and the objects' classes (n, objects). Each object is a shape of its own
+    class, position, radius (6-10 px at 64 px: the apparent sizes of the training crops), rotation,
+    mirror and grey level; in a clip it moves at up to 1.5 px and turns up to 0.1 rad per frame,
+    bouncing off the borders, so objects can pass in front of each other."""
+    rng = np.random.default_rng(seed)
+    grid = (np.arange(size * supersample) + 0.5) / supersample
+    Y, X = np.meshgrid(grid, grid, indexing="ij")
+    classes = rng.integers(0, len(SHAPES), (n, objects))
+    images = np.empty((n, frames, size, size), np.float32)
+    ids = np.zeros((n, frames, size * supersample, size * supersample), np.uint8)
+    for i in range(n):
+        placed, background = [], rng.uniform(0.0, 0.35)
+        moves = [(*_place(rng, size, placed, (0.1, 0.16)), rng.uniform(0, 2 * np.pi), rng.choice([-1.0, 1.0]),
+                  rng.uniform(0.65, 1.0), *rng.uniform(-1.5, 1.5, 2), rng.uniform(-0.1, 0.1)) for _ in range(objects)]
+        for t in range(frames):
+            image = np.full(X.shape, background, np.float32)
+            for k, (cx, cy, r, angle, mirror, level, vx, vy, spin) in enumerate(moves):
+                x, y = (_bounce(c + t * v, r, size - r) for c, v in ((cx, vx), (cy, vy)))
+                inside = _inside(SHAPES[classes[i, k]], X, Y, x, y, r, angle + t * spin, mirror)
+                image[inside], ids[i, t][inside] = level, k + 1
+            images[i, t] = image.reshape(size, supersample, size, supersample).mean((1, 3))
+    mid = supersample // 2  # the instance map samples each pixel's centre
+    return _to_uint8(images, rng), torch.from_numpy(ids[..., mid::supersample, mid::supersample].copy()), \
+        torch.from_numpy(classes)
+
+
+def _bounce(x, lo, hi):
+    """x moved into [lo, hi] by reflecting off its ends (a triangle wave)."""
+    span = hi - lo
+    return lo + span - abs((x - lo) % (2 * span) - span)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -303,7 +352,7 @@ def cache_dir():
 def _synthetic_version():
     import hashlib
     import inspect
-    source = inspect.getsource(make_synthetic) + inspect.getsource(shape_mask) + repr(SHAPES) + np.__version__
+    source = "".join(inspect.getsource(f) for f in (make_synthetic, _place, _inside, _to_uint8, shape_mask)) + repr(SHAPES) + np.__version__
     return hashlib.sha256(source.encode()).hexdigest()[:12]
 
 

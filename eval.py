@@ -5,6 +5,7 @@
     python eval.py attention --checkpoint runs/dino/checkpoint.pth   # also: pca
     python eval.py curves --logs runs/dino runs/simdino
     python eval.py knn --checkpoint dinov2_vits14_reg4_pretrain.pth --data imagefolder --data_path DIR
+    python eval.py seg|video|retrieval|copydetection|discover --checkpoint runs/dino/checkpoint.pth [--data_path DIR]
 
 k-NN (DINO, Caron et al. 2021, §4.1 and the official `eval_knn.py`): the teacher backbone's CLS
 features of the train split (the memory bank) and of the held-out split, L2-normalised; each
@@ -16,6 +17,10 @@ initialised ViT of the same architecture: what self-supervised learning has to b
 Linear probe (DINO §4.1, `eval_linear.py`): a linear layer on frozen features, SGD with
 augmentation for `--epochs`; `--fast` fits a logistic regression on precomputed features instead.
 Checkpoints are read with weights_only=True and mapped key for key (`backbone_state`).
+
+seg, video, retrieval, copydetection, discover: the papers' other evaluations (tasks.py, where
+the protocols and the real datasets' layouts are written down); `--baselines` runs each on a
+randomly initialised ViT of the same architecture too.
 """
 import argparse
 import json
@@ -30,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import data as data_lib
+import tasks
 from kernels import distributed as dist
 from vit import ARCHS, build_vit
 
@@ -235,6 +241,37 @@ def logistic_regression(ftr, ytr, fte, yte, num_classes, weight_decays=(1e-6, 1e
     scores = {wd: _accuracy(fit(ftr[fit_idx], ytr[fit_idx], wd)(ftr[val]), ytr[val])[0] for wd in weight_decays}
     best = max(weight_decays, key=lambda wd: (scores[wd], wd))  # ties: the stronger regulariser
     return _accuracy(fit(ftr, ytr, best)(fte), yte), best
+
+
+def run_task(args, backbone, cfg, device):
+    """seg / video / retrieval / copydetection / discover (tasks.py) on the backbone and, with
+    --baselines, on a randomly initialised ViT of its architecture (seed 0). Whole-image features
+    are taken at the training resolution on the synthetic data, at the official 224 (retrieval) or
+    320 (copy detection) on real data; dense tasks at 64 px synthetic, 512 (ADE20K) or 480 px
+    (DAVIS, COCO) real; --image_size overrides either."""
+    p, path = backbone.patch_size, args.data_path or ""
+    trained = cfg.get("global_crops_size") or p * math.isqrt(backbone.pos_embed.shape[1] - 1)
+    real = {"seg": 512, "video": 480, "discover": 480, "retrieval": 224, "copydetection": 320}[args.command]
+    size = args.image_size or (real if path else (trained if args.command in ("retrieval", "copydetection") else 64))
+    size = size if args.image_size else max(p, size // p * p)
+    if size % p:
+        raise ValueError(f"--image_size {size} is not divisible by the patch size {p}")
+    if path and not os.path.isdir(path):
+        raise ValueError(f"--data_path {path} is not a directory")
+    os.makedirs(args.output_dir, exist_ok=True)
+    models = {"": backbone}
+    if args.baselines:
+        torch.manual_seed(0)
+        models["random_vit_"] = build_vit(cfg.get("arch") or infer_vit(backbone.state_dict())["arch"], p,
+                                          img_size=trained).to(device).eval()
+    result = {"task": args.command, "image_size": size, "data": path or "synthetic"}
+    for prefix, model in models.items():
+        t0 = time.time()
+        out, picture = tasks.run(args.command, model, device, path, size, size, os.path.join(
+            args.output_dir, f"{args.command}{'_' + prefix.rstrip('_') if prefix else ''}.png"), args.max_images)
+        result.update({prefix + k: v for k, v in out.items()}, **{prefix + "picture": picture,
+                                                                  prefix + "seconds": round(time.time() - t0, 1)})
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -463,7 +500,7 @@ def curves_picture(log_paths, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["knn", "linear", "attention", "pca", "curves"])
+    p.add_argument("command", choices=["knn", "linear", "attention", "pca", "curves", *tasks.TASKS])
     p.add_argument("--checkpoint", default="", help="ours (checkpoint.pth) or an official DINO / DINOv2 / "
                                                     "SimDINO checkpoint or backbone")
     p.add_argument("--checkpoint_key", default="teacher", help="teacher or student, where a file holds both")
@@ -474,7 +511,9 @@ def main(argv=None):
     p.add_argument("--image_size", type=int, default=None,
                    help="evaluation resolution (default: ours the global crop size, official the training one)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--output_dir", default=".", help="where attention.png / pca.png / curves.png go")
+    p.add_argument("--output_dir", default=".", help="where the pictures go (attention.png, seg.png, ...)")
+    p.add_argument("--max_images", type=int, default=0, help="seg / discover on real data: at most this many "
+                                                             "images per split (0: all)")
     p.add_argument("--nb_knn", type=int, default=20, help="k (official default 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="T of exp(s/T) (official 0.07)")
     p.add_argument("--batch_size", type=int, default=256, help="feature extraction batch")
@@ -509,6 +548,9 @@ def main(argv=None):
                 raise ValueError("--checkpoint is required")
             backbone, cfg = load_backbone(args.checkpoint, device, args.checkpoint_key, args.arch, args.patch_size)
             cfg = cfg or {}
+        if args.command in tasks.TASKS:
+            result = run_task(args, backbone, cfg, device)
+        elif args.command != "curves":
             name = args.data or cfg.get("data")
             if not name:
                 raise ValueError(f"{args.checkpoint} is not a nanodino checkpoint: give --data (and --data_path)")
