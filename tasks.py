@@ -327,7 +327,7 @@ def retrieval_data(data_path, size, g):
     if not data_path:
         base, _ = data_lib.make_synthetic(500, seed=3)
         database = torch.cat([make_copies(base, g, strong=False) for _ in range(3)])  # view v of image i at v·500 + i
-        return database, make_copies(base[:200], g, strong=False), [[i, 500 + i, 1000 + i] for i in range(200)], None
+        return database, make_copies(base[:200], g, strong=False), [[i, 500 + i, 1000 + i] for i in range(200)], None, None
     gnd_files = [f for f in os.listdir(data_path) if f.startswith("gnd_r") and f.endswith(".pkl")] \
         if os.path.isdir(data_path) else []
     if not gnd_files:
@@ -510,7 +510,7 @@ def run(task, backbone, device, data_path="", global_size=32, dense_size=64, pic
         pred = linear_segmentation(patch_features(backbone, xtr, device), ytr, patch_features(backbone, xte, device),
                                    len(names), seed=seed)
         miou, macc = segmentation_metrics(pred, yte, len(names))
-        _label_grid([xte[:6], yte[:6], pred[:6]], ["image", "truth", "linear head"], len(names), picture)
+        _label_grid([xte[:6], yte[:6], pred[:6]], ["image", "truth", "linear head"], picture)
         return {"mIoU": 100 * miou, "mAcc": 100 * macc, "images": len(xte)}, picture
     if task == "video":
         js, fs = [], []
@@ -524,8 +524,8 @@ def run(task, backbone, device, data_path="", global_size=32, dense_size=64, pic
             if k == 0:
                 t = torch.linspace(0, len(frames) - 1, 5).round().long()
                 shown = frames[t] if original is None else torch.stack([_resize(x, original) for x in frames[t]])
-                _label_grid([shown, labels[t], pred[t]], ["frame", "truth", "propagated"], int(labels.max()) + 1,
-                            picture, transpose=True)
+                _label_grid([shown, labels[t], pred[t]], ["frame", "truth", "propagated"], picture,
+                            transpose=True)
         j, f = torch.cat(js).mean().item(), torch.cat(fs).mean().item()
         return {"J&F": 100 * (j + f) / 2, "J": 100 * j, "F": 100 * f, "clips": len(js)}, picture
     if task == "retrieval":
@@ -572,9 +572,9 @@ def _image(ax, x):
     ax.set_xticks([]), ax.set_yticks([])
 
 
-def _label_grid(rows, titles, num_classes, path, transpose=False):
-    """Images, then label maps drawn over them (class colours, background clear), one column per
-    image (one row per image with transpose)."""
+def _label_grid(rows, titles, path, transpose=False):
+    """Images, then label maps drawn over them (ten colours, background 0 and ignored -1 clear),
+    one column per image (one row per image with transpose)."""
     plt = _pyplot()
     n, k = len(rows[0]), len(rows)
     shape = (n, k) if transpose else (k, n)
@@ -584,9 +584,9 @@ def _label_grid(rows, titles, num_classes, path, transpose=False):
             ax = axes[i, r] if transpose else axes[r, i]
             _image(ax, rows[0][i])
             if r:
-                labels = rows[r][i].float()
-                ax.imshow(np.ma.masked_where(labels.numpy() <= 0, labels.numpy()), cmap="tab20", alpha=0.6,
-                          vmin=0, vmax=max(num_classes - 1, 1), interpolation="nearest")
+                labels = rows[r][i].numpy()
+                ax.imshow(np.ma.masked_where(labels <= 0, (labels - 1) % 10), cmap="tab10", alpha=0.6,
+                          vmin=0, vmax=9, interpolation="nearest")
             if (i == 0 and transpose is False) or (transpose and i == 0):
                 ax.set_title(titles[r], fontsize=8)
     fig.tight_layout()

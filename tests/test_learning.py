@@ -83,3 +83,17 @@ def test_curation_removes_planted_copies_and_retrieves_planted_neighbours(dinov2
     assert report["dedup_recall_augmented"] > 0.4 and report["retrieval_recall_planted"] > 0.6, report
     train_set, held_out = data.load_dataset("list", str(tmp_path / "demo" / "curated.txt"), eval_size=32)
     assert len(train_set) + len(held_out) == report["written"] and train_set.classes == 10
+
+
+@pytest.mark.parametrize("task,metric", [("retrieval", "mAP"), ("discover", "AP50")])
+def test_trained_backbone_beats_random_init_on_other_tasks(dinov2_run, task, metric, tmp_path, capsys):
+    """tasks.py on the 2-epoch DINOv2 backbone against a random ViT-pico/8 (--baselines). Measured
+    on the 2-epoch state of the default 10-epoch run: retrieval mAP 2.6 vs 1.4, discover AP50 21.3
+    vs 12.8. (seg, video and copy detection do not beat random init with these backbones yet:
+    README, "Other evaluations".)"""
+    _, checkpoint = dinov2_run
+    capsys.readouterr()
+    eval_lib.main([task, "--checkpoint", str(checkpoint), "--baselines", "--device", "cpu",
+                   "--output_dir", str(tmp_path)])
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out[metric] > out[f"random_vit_{metric}"], out
