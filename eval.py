@@ -247,12 +247,14 @@ def run_task(args, backbone, cfg, device):
     """seg / video / retrieval / copydetection / discover (tasks.py) on the backbone and, with
     --baselines, on a randomly initialised ViT of its architecture (seed 0). Whole-image features
     are taken at the training resolution on the synthetic data, at the official 224 (retrieval) or
-    320 (copy detection) on real data; dense tasks at 64 px synthetic, 512 (ADE20K) or 480 px
-    (DAVIS, COCO) real; --image_size overrides either."""
+    320 (copy detection) on real data; dense tasks at 64 px synthetic (video 128: at 64 px the
+    shapes are 2 x 2 patches of 8), 512 (ADE20K) or 480 px (DAVIS, COCO) real; --image_size
+    overrides either."""
     p, path = backbone.patch_size, args.data_path or ""
     trained = cfg.get("global_crops_size") or p * math.isqrt(backbone.pos_embed.shape[1] - 1)
     real = {"seg": 512, "video": 480, "discover": 480, "retrieval": 224, "copydetection": 320}[args.command]
-    size = args.image_size or (real if path else (trained if args.command in ("retrieval", "copydetection") else 64))
+    synthetic = {"video": 128, "retrieval": trained, "copydetection": trained}.get(args.command, 64)
+    size = args.image_size or (real if path else synthetic)
     size = size if args.image_size else max(p, size // p * p)
     if size % p:
         raise ValueError(f"--image_size {size} is not divisible by the patch size {p}")
