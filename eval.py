@@ -381,11 +381,7 @@ def load_backbone(path, device, key="teacher", arch=None, patch_size=None):
 # ----------------------------------------------------------------------------------------------
 # Pictures: attention maps, PCA of patch features, training curves (PNG files).
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+_pyplot = tasks.pyplot
 
 
 def _first_images(dataset, n, size, device):

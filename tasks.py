@@ -52,41 +52,38 @@ TASKS = ("seg", "video", "retrieval", "copydetection", "discover")
 # Features.
 
 @torch.no_grad()
-def patch_features(backbone, images, device, batch_size=64):
-    """uint8 images (N, 3, H, W) -> last-layer patch tokens (N, H/p, W/p, D), float32 on CPU."""
-    out = []
-    for x in images.split(batch_size):
-        f = backbone.forward_features(data_lib.eval_view(x.to(device), x.shape[-1]))["x_norm_patchtokens"]
-        out.append(f.float().cpu().unflatten(1, (x.shape[-2] // backbone.patch_size, -1)))
-    return torch.cat(out)
+def _per_batch(fn, images, device, size=None, batch_size=64):
+    """fn(normalised images (B, 3, S, S)) -> (B, ...) over uint8 images (N, 3, H, W) in batches,
+    float32 on CPU; S = size, else the images' own."""
+    return torch.cat([fn(data_lib.eval_view(x.to(device), size or x.shape[-1])).float().cpu()
+                      for x in images.split(batch_size)])
 
 
-@torch.no_grad()
-def global_features(backbone, images, device, size, gem=False, batch_size=256):
-    """uint8 images (N, 3, H, W), resized to size x size -> CLS tokens (N, D), with gem also the patch tokens GeM-pooled
-    with p = 4 after clamping at 1e-6 (N, 2D), as the official copy detection; float32 on CPU."""
-    out = []
-    for x in images.split(batch_size):
-        f = backbone.forward_features(data_lib.eval_view(x.to(device), size))
-        g = f["x_norm_clstoken"]
-        if gem:
-            g = torch.cat([g, f["x_norm_patchtokens"].clamp(min=1e-6).pow(4).mean(1).pow(0.25)], -1)
-        out.append(g.float().cpu())
-    return torch.cat(out)
+def patch_features(backbone, images, device):
+    """uint8 images (N, 3, H, W) -> last-layer patch tokens (N, H/p, W/p, D)."""
+    tokens = _per_batch(lambda x: backbone.forward_features(x)["x_norm_patchtokens"], images, device)
+    return tokens.unflatten(1, (images.shape[-2] // backbone.patch_size, -1))
 
 
-@torch.no_grad()
-def last_keys(backbone, images, device, batch_size=64):
+def global_features(backbone, images, device, size, gem=False):
+    """uint8 images, resized to size x size -> CLS tokens (N, D); with gem also the patch tokens
+    GeM-pooled with p = 4 after clamping at 1e-6 (N, 2D), as the official copy detection."""
+    def cls_and_gem(x):
+        f = backbone.forward_features(x)
+        g = f["x_norm_patchtokens"].clamp(min=1e-6).pow(4).mean(1).pow(0.25)
+        return torch.cat([f["x_norm_clstoken"], g], -1) if gem else f["x_norm_clstoken"]
+    return _per_batch(cls_and_gem, images, device, size, batch_size=256)
+
+
+def last_keys(backbone, images, device):
     """The keys of the last block's attention for the patches, heads concatenated (N, h, w, D)."""
-    out = []
-    for x in images.split(batch_size):
-        t = backbone.prepare_tokens(data_lib.eval_view(x.to(device), x.shape[-1]))
+    def keys(x):
+        t = backbone.prepare_tokens(x)
         for blk in backbone.blocks[:-1]:
             t = blk(t)
         _, k, _ = backbone.blocks[-1].attn.qkv_heads(backbone.blocks[-1].norm1(t))  # (B, heads, T, d)
-        k = k.transpose(1, 2).flatten(2)[:, 1 + backbone.num_register_tokens:]
-        out.append(k.float().cpu().unflatten(1, (x.shape[-2] // backbone.patch_size, -1)))
-    return torch.cat(out)
+        return k.transpose(1, 2).flatten(2)[:, 1 + backbone.num_register_tokens:]
+    return _per_batch(keys, images, device).unflatten(1, (images.shape[-2] // backbone.patch_size, -1))
 
 
 def _resize(image, size, mode="bicubic"):
@@ -562,7 +559,8 @@ def run(task, backbone, device, data_path="", global_size=32, dense_size=64, pic
     raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (eval.py's pictures use it too)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -577,7 +575,7 @@ def _image(ax, x):
 def _label_grid(rows, titles, path, transpose=False):
     """Images, then label maps drawn over them (ten colours, background 0 and ignored -1 clear),
     one column per image (one row per image with transpose)."""
-    plt = _pyplot()
+    plt = pyplot()
     n, k = len(rows[0]), len(rows)
     shape = (n, k) if transpose else (k, n)
     fig, axes = plt.subplots(*shape, figsize=(1.7 * shape[1], 1.7 * shape[0]), squeeze=False)
@@ -598,7 +596,7 @@ def _label_grid(rows, titles, path, transpose=False):
 
 def _ranking_picture(queries, database, sim, positives, path, top=5):
     """Each query, then its `top` nearest database images, framed green when a positive."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(queries), top + 1, figsize=(1.5 * (top + 1), 1.5 * len(queries)), squeeze=False)
     for q in range(len(queries)):
         _image(axes[q, 0], queries[q])
@@ -615,7 +613,7 @@ def _ranking_picture(queries, database, sim, positives, path, top=5):
 
 def _boxes_picture(images, truth, detections, path):
     """Ground-truth boxes (green) and discovered ones (red, dashed, with their score)."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.patches import Rectangle
     fig, axes = plt.subplots(1, len(images), figsize=(2 * len(images), 2.2), squeeze=False)
     for ax, x, gt, (boxes, scores) in zip(axes[0], images, truth, detections):
