@@ -160,22 +160,15 @@ def test_non_finite_stops_with_one_line_and_keeps_the_last_good_checkpoint(what,
 
 
 def test_collapse_warning(tmp_path):
-    """DINO without centring (the centre stays 0) collapses: every image to one point."""
+    """DINO without centring (the centre stays 0) collapses: every image to one point (60 steps
+    with a fast teacher: feat_std 0.025, measured)."""
     out = str(tmp_path / "run")
-    r = run(["dino.py", "--center_momentum", "1.0", "--max_steps", "150", "--batch_size_per_gpu", "32",
-             "--warmup_epochs", "0", "--freeze_last_layer", "0", "--momentum_teacher", "0.99",
+    r = run(["dino.py", "--center_momentum", "1.0", "--max_steps", "60", "--batch_size_per_gpu", "32",
+             "--warmup_epochs", "0", "--freeze_last_layer", "0", "--momentum_teacher", "0.9",
              "--eval_every", "0", "--device", "cpu", "--output_dir", out])
     assert r.returncode == 0, r.stderr[-2000:]
     rec = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))][-1]
     assert rec["feat_std"] < 0.05 and "warning: epoch 0: the teacher's features look collapsed" in r.stdout
-
-
-def test_healthy_run_has_no_collapse_warning(tmp_path):
-    out = str(tmp_path / "run")
-    r = run(["dino.py", "--max_steps", "20", "--eval_every", "0", "--device", "cpu", "--output_dir", out])
-    assert r.returncode == 0 and "collapsed" not in r.stdout, r.stderr[-2000:]
-    rec = [json.loads(l) for l in open(os.path.join(out, "log.jsonl"))][-1]
-    assert rec["feat_std"] > 0.1 and rec["feat_rank"] > 10
 
 
 def test_bad_image_is_named_or_skipped(folder, tmp_path):
