@@ -164,7 +164,24 @@ def worker(name, official_dir, sides, steps, warmup, compile_blocks=False):
             if it >= warmup:
                 times[side].append(time.perf_counter() - t)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"times": times, "max_rss": rss, "batch": cfg.batch_size_per_gpu}))
+    print(json.dumps({"times": times, "max_rss": rss, "batch": cfg.batch_size_per_gpu,
+                      "profile": {side: profile_step(fns[side], crops) for side in sides}}))
+
+
+GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+         "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def profile_step(fn, crops):
+    """One more step, profiled: the seconds spent in matrix products (mm, addmm, bmm, CPU flash
+    attention), the same products at the same shapes on both sides, and the step's seconds."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t = time.perf_counter()
+        fn(crops, 1)
+        seconds = time.perf_counter() - t
+    gemm = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in GEMMS) / 1e6
+    return {"gemm_s": gemm, "step_s": seconds}
 
 
 def run_worker(name, official_dir, sides, steps, warmup, threads, compile_blocks=False):
@@ -186,6 +203,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="ours with --compile true (compiled in warm-up)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     print(f"CPU, {args.threads} threads: ViT-tiny/4, batch 64, 2x32² + 6x16² crops, fp32; "
           f"{args.steps} timed steps per side, alternating; median seconds per step")
     print(f"{'method':9s} {'official s':>10s} {'ours s':>8s} {'ratio (min/med/max)':>22s} {'official img/s':>14s} "
@@ -206,6 +224,12 @@ def main():
         print(f"{name:9s} {mo:10.3f} {mu:8.3f} {ratios[0]:6.2f} /{statistics.median(ratios):5.2f} /{ratios[-1]:5.2f}"
               f" {r['batch'] / mo:14.1f} {r['batch'] / mu:10.1f} {mem['official']:12.0f} {mem['ours']:9.0f}",
               flush=True)
+        for side in ("official", "ours"):
+            prof = r["profile"][side]
+            print(f"{'':9s} {side:8s} matrix products {prof['gemm_s']:.2f} s of a profiled {prof['step_s']:.2f} s step "
+                  f"({100 * prof['gemm_s'] / prof['step_s']:.0f} %)")
+    print("A side can be no faster than its matrix products: ours/official >= ours' matrix-product seconds "
+          "/ official's step.")
 
 
 if __name__ == "__main__":
