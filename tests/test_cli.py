@@ -74,26 +74,20 @@ def test_bad_flags_one_line_error(tmp_path, flags, message):
     assert not out.exists()
 
 
-def _tree(root, corrupt=False):
+def _tree(root):
     from PIL import Image
     for c in ("a", "b"):
         (root / c).mkdir(parents=True)
         for i in range(12):
             Image.new("RGB", (36, 36), (i * 10, 50 if c == "a" else 200, 0)).save(root / c / f"{i}.png")
-    if corrupt:
-        (root / "b" / "3.png").write_bytes(b"\x89PNG broken")
 
 
-def test_empty_folder_and_corrupt_image(tmp_path):
+def test_empty_folder(tmp_path):
     (tmp_path / "empty").mkdir()
     r = run(["dino.py", "--data", "imagefolder", "--data_path", str(tmp_path / "empty"),
              "--output_dir", str(tmp_path / "o1")], timeout=120)
     assert r.returncode != 0 and "no images found" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    _tree(tmp_path / "imgs", corrupt=True)
-    r = run(["dino.py", "--data", "imagefolder", "--data_path", str(tmp_path / "imgs"), "--batch_size_per_gpu", "4",
-             "--num_workers", "0", "--max_steps", "10", "--output_dir", str(tmp_path / "o2")], timeout=120)
-    assert r.returncode != 0 and "cannot read image" in r.stderr and "3.png" in r.stderr, r.stderr[-1500:]
-    assert len(r.stderr.strip().splitlines()) == 1
+    # a corrupt image: tests/test_robust.py::test_bad_image_is_named_or_skipped
 
 
 def test_image_folder_training_and_knn_cli(tmp_path):

@@ -175,8 +175,8 @@ def test_bad_image_is_named_or_skipped(folder, tmp_path):
     import shutil
     root = tmp_path / "imgs"
     shutil.copytree(folder, root)
-    for name in ("05.png", "09.png"):  # a train image and a held-out one
-        (root / "class1" / name).write_bytes(b"not an image")
+    (root / "class1" / "05.png").write_bytes(b"\x89PNG broken")     # a train image: PNG magic, then garbage
+    (root / "class1" / "09.png").write_bytes(b"not an image")      # a held-out one
     args = ["dino.py", "--data", "imagefolder", "--data_path", str(root), "--batch_size_per_gpu", "16",
             "--max_steps", "5", "--eval_every", "0", "--device", "cpu", "--num_workers", "0"]
     r = run([*args, "--output_dir", str(tmp_path / "a")])
