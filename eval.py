@@ -489,7 +489,8 @@ def curves_picture(log_paths, path):
     ax_knn.set(xlabel="epoch", ylabel="k-NN top-1 (%)", title="k-NN")
     ax_std.set(xlabel="epoch", ylabel="feature std", title="teacher CLS spread (near 0: collapse)")
     for ax in (ax_loss, ax_knn, ax_std):
-        ax.legend(fontsize=8)
+        if ax.lines:  # a run without k-NN or feature-spread records leaves its panel empty
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
