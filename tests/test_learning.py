@@ -1,5 +1,5 @@
 """Learning tests: a short default-recipe run on the synthetic data must lower its loss and lift
-k-NN above both baselines (raw pixels, a randomly initialised ViT). About a minute each on 2 cores."""
+k-NN above both baselines (raw pixels, a randomly initialised ViT). Two to three minutes each on 2 cores."""
 import json
 
 import pytest
@@ -46,6 +46,16 @@ def test_simdino_learns(tmp_path, baselines, capsys):
 
 def test_dinov2_learns(dinov2_run, baselines):
     log, _ = dinov2_run
+    assert log[-1]["train_loss"] < log[0]["train_loss"]
+    assert log[-1]["knn_top1"] > max(baselines.values()) + 5, (log[-1]["knn_top1"], baselines)
+
+
+def test_simdinov2_learns(tmp_path, baselines):
+    """The default 10-epoch recipe stopped after 160 steps (its first epoch and 4 steps; a 2-epoch
+    run costs 3.5 minutes on 2 cores). Measured: k-NN 50.10; loss -1.89 (epoch 0) -> -2.55 (the 4 steps after it)."""
+    import simdinov2
+    log = short_run(tmp_path, simdinov2, simdinov2.SimDINOv2Config, simdinov2.SimDINOv2, epochs=10,
+                    extra=["--max_steps", "160"])
     assert log[-1]["train_loss"] < log[0]["train_loss"]
     assert log[-1]["knn_top1"] > max(baselines.values()) + 5, (log[-1]["knn_top1"], baselines)
 
