@@ -165,7 +165,7 @@ def worker(name, official_dir, sides, steps, warmup, compile_blocks=False):
                 times[side].append(time.perf_counter() - t)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"times": times, "max_rss": rss, "batch": cfg.batch_size_per_gpu,
-                      "profile": {side: profile_step(fns[side], crops) for side in sides}}))
+                      "profile": {side: profile_step(fns[side], crops) for side in sides if len(sides) == 2}}))
 
 
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
