@@ -304,7 +304,7 @@ def _image_folder(root, eval_size):
 
 def _image_list(path, eval_size):
     """A text file of image paths, one per line (relative to the file's folder, or absolute), each
-    optionally followed by a tab and its class name, else its folder's name (curate.py writes
+    optionally followed by a tab and its class name, else its folder's name (tools/curate.py writes
     one); every 10th image of each class is held out."""
     try:
         lines = [line for line in Path(path).read_text().splitlines() if line.strip()]

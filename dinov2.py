@@ -19,7 +19,7 @@ one student forward → DINO + KoLeo + iBOT losses.
 The paper's scaling recipe: `--distill_from` (§5, "Model distillation": a frozen larger
 teacher, no masking and no stochastic depth, iBOT on the global crops' patches, the student's EMA
 as the final model); `--high_res_epochs` / `--high_res_size` (§4, "Adapting the resolution", in the
-shared loop); efficient stochastic depth (§5, vit.drop_add_residual); data curation (§3, curate.py).
+shared loop); efficient stochastic depth (§5, vit.drop_add_residual); data curation (§3, tools/curate.py).
 
 Symbols (one notation across the four method files, docs/READING.md; DINOv2 paper §4, arXiv v2,
 whose equations are not numbered: cited by the name of their paragraph):

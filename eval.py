@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 import data as data_lib
-import tasks
+from tools import tasks
 from kernels import distributed as dist
 from vit import ARCHS, build_vit
 

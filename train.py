@@ -91,7 +91,7 @@ class TrainConfig:
     high_res_size: int = flag(0, "global crop size of the high-resolution phase (DINOv2: 518 at patch 14)")
     # data and run
     data: str = flag("imagefolder", "synthetic | fashion-mnist | cifar10 | cifar100 | stl10 | imagefolder | "
-                                     "list (a file of image paths, as curate.py writes)")
+                                     "list (a file of image paths, as tools/curate.py writes)")
     data_path: str = flag("", "dataset root")
     output_dir: str = flag("runs/dino", "checkpoint.pth, config.json, log.jsonl go here; resumed if present")
     saveckp_freq: int = flag(20, "keep a numbered checkpoint every N epochs (0: never)")

@@ -6,7 +6,7 @@ import shutil
 import subprocess
 import sys
 
-import exercises as E
+from tools import exercises as E
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,7 +44,7 @@ def test_every_exercise_is_in_the_readme():
 
 def test_student_command_not_yet_then_solved(tmp_path):
     E.copy_project(tmp_path)
-    run = lambda *a: subprocess.run([sys.executable, "exercises.py", *a], cwd=tmp_path,
+    run = lambda *a: subprocess.run([sys.executable, os.path.join("tools", "exercises.py"), *a], cwd=tmp_path,
                                     capture_output=True, text=True, timeout=300)
     first = run("3")                                      # ema: writes the copy, its tests fail
     student_file = tmp_path / "exercises" / "03_ema" / "train.py"

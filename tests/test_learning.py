@@ -89,7 +89,7 @@ def test_curation_removes_planted_copies_and_retrieves_planted_neighbours(dinov2
     100 planted exact and 100 augmented copies, and an augmented copy of 100 of the 200 curated
     images. Measured with this backbone: exact copies all removed, augmented ones 66 %, precision
     0.99, planted neighbours retrieved 81 % (README, "curation")."""
-    import curate
+    from tools import curate
     _, checkpoint = dinov2_run
     curate.main(["--demo", str(tmp_path / "demo"), "--checkpoint", str(checkpoint)])
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

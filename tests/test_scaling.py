@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-import curate
+from tools import curate
 import data
 import dino
 import dinov2

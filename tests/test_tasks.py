@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import data
 import eval as eval_lib
-import tasks
+from tools import tasks
 from vit import build_vit
 
 

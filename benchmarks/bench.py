@@ -1,10 +1,10 @@
 """Training-step benchmark: median step time, images/s, peak memory, and MFU on a GPU.
 
-    python bench.py                          # CPU: the default synthetic config, and ViT-S/16 2x224+10x96 at batch 8
-    python bench.py --device cuda            # GPU: ViT-S/16, 2x224 + 10x96, batch 64, bf16
-    python bench.py --method simdino ...     # any method file with the same contract
-    python bench.py --drop_path 0.4          # stochastic depth: the branches on the kept samples only vs all
-    torchrun --nproc_per_node=2 bench.py --threads 1 --config default   # scaling: DDP over processes
+    python benchmarks/bench.py                          # CPU: the default synthetic config, and ViT-S/16 2x224+10x96 at batch 8
+    python benchmarks/bench.py --device cuda            # GPU: ViT-S/16, 2x224 + 10x96, batch 64, bf16
+    python benchmarks/bench.py --method simdino ...     # any method file with the same contract
+    python benchmarks/bench.py --drop_path 0.4          # stochastic depth: the branches on the kept samples only vs all
+    torchrun --nproc_per_node=2 benchmarks/bench.py --threads 1 --config default   # scaling: DDP over processes
 
 A step is everything the loop does per batch: multi-crop augmentation of uint8 images, teacher
 and student forward, loss, backward, clipping, AdamW, EMA. Numbers are printed, never asserted.
@@ -13,9 +13,13 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import resource
 import statistics
+import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import torch
 

@@ -1,9 +1,9 @@
 """The four methods side by side: same data, arch, crops, epochs, batch and seed (each method's
 `synthetic` preset, which all share dino.py's recipe), the same k-NN protocol, the two baselines.
 
-    python compare.py                                   # synthetic data, 10 epochs each (~35 min on 2 cores)
-    python compare.py --data fashion-mnist --global_crops_size 28 --local_crops_size 14 --patch_size 7
-    python compare.py --epochs 30 --output_dir runs/compare30
+    python tools/compare.py                                   # synthetic data, 10 epochs each (~35 min on 2 cores)
+    python tools/compare.py --data fashion-mnist --global_crops_size 28 --local_crops_size 14 --patch_size 7
+    python tools/compare.py --epochs 30 --output_dir runs/compare30
 
 Each method trains into OUTPUT_DIR/<method> (a finished run is resumed, so it is not trained
 again); then OUTPUT_DIR/compare.md holds the table (k-NN top-1 / top-5 per method and baseline,
@@ -14,6 +14,8 @@ import json
 import os
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import torch
 
@@ -50,7 +52,7 @@ def main():
     train_set, eval_set = data_lib.load_dataset(cfg.data, cfg.data_path, eval_size=cfg.global_crops_size)
     base = eval_lib.baselines(cfg.arch, cfg.patch_size, train_set, eval_set, cfg.global_crops_size, torch.device("cpu"))
     lines = [f"k-NN on `{cfg.data}` ({cfg.arch}/{cfg.patch_size}, {cfg.epochs} epochs, batch "
-             f"{cfg.batch_size_per_gpu}, seed {cfg.seed}; `python compare.py {' '.join(flags)}`)", "",
+             f"{cfg.batch_size_per_gpu}, seed {cfg.seed}; `python tools/compare.py {' '.join(flags)}`)", "",
              "| features | k-NN top-1 | top-5 | training minutes |", "|---|---|---|---|"]
     lines += [f"| raw pixels | {base['raw_pixels'][0]:.2f} | {base['raw_pixels'][1]:.2f} | |",
               f"| random ViT | {base['random_vit'][0]:.2f} | {base['random_vit'][1]:.2f} | |"]

@@ -20,15 +20,18 @@ chunked matrix products; cluster-based retrieval (k-means, for small curated set
 Thresholds depend on the backbone: --demo prints the similarity of planted copies and of unrelated
 images, to choose them.
 
-    python curate.py --curated CURATED_DIR --pool POOL_DIR --checkpoint runs/dinov2/checkpoint.pth \\
+    python tools/curate.py --curated CURATED_DIR --pool POOL_DIR --checkpoint runs/dinov2/checkpoint.pth \\
         --output curated.txt
     python dinov2.py --data list --data_path curated.txt --global_crops_size 224 ...
-    python curate.py --demo DIR --checkpoint runs/dinov2/checkpoint.pth   # planted copies: precision, recall
+    python tools/curate.py --demo DIR --checkpoint runs/dinov2/checkpoint.pth   # planted copies: precision, recall
 """
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
 import torch
 import torch.nn.functional as F

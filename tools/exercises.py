@@ -1,13 +1,13 @@
 """Classroom exercises: re-implement one piece of a method, checked by the project's own tests.
 
-    python exercises.py                 # the list
-    python exercises.py 3               # exercise 3: writes your copy (once), then runs its tests
-    python exercises.py 3 --show        # the statement only
-    python exercises.py 3 --reset       # start exercise 3 over (your copy is replaced)
-    python exercises.py 3 --solution    # the same tests on the project's own code
-    python exercises.py --verify        # every stub fails its tests, every solution passes (CI)
+    python tools/exercises.py                 # the list
+    python tools/exercises.py 3               # exercise 3: writes your copy (once), then runs its tests
+    python tools/exercises.py 3 --show        # the statement only
+    python tools/exercises.py 3 --reset       # start exercise 3 over (your copy is replaced)
+    python tools/exercises.py 3 --solution    # the same tests on the project's own code
+    python tools/exercises.py --verify        # every stub fails its tests, every solution passes (CI)
 
-`python exercises.py N` copies the project (its .py files and tests) to exercises/NN_name/ with
+`python tools/exercises.py N` copies the project (its .py files and tests) to exercises/NN_name/ with
 the body of one function replaced by `raise NotImplementedError`; its docstring stays. Write the
 body there, in place, and run the same command again until the tests pass. The copy is a whole
 project: `cd exercises/01_dino_loss && python dino.py` trains with your code. docs/READING.md
@@ -25,8 +25,8 @@ import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
-COPIED = ("*.py", "kernels/*.py", "tests/*.py")   # what a student copy holds
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+COPIED = ("*.py", "kernels/*.py", "tools/*.py", "tests/*.py")   # what a student copy holds
 
 
 @dataclass
@@ -191,7 +191,7 @@ def stub_source(source, ex, number):
     fn = find_function(ast.parse(source), ex.function)
     body = fn.body[1:] if ast.get_docstring(fn) is not None else fn.body   # the statements to remove
     indent = " " * fn.body[0].col_offset
-    stub = (f"{indent}# Exercise {number} ({ex.name}): write this body. `python exercises.py {number} --show`\n"
+    stub = (f"{indent}# Exercise {number} ({ex.name}): write this body. `python tools/exercises.py {number} --show`\n"
             f"{indent}raise NotImplementedError(\"exercise {number}: {ex.function} is yours to write\")\n")
     lines = source.splitlines(keepends=True)
     start = body[0].lineno - 1 if body else fn.end_lineno   # 0-based first line of the body
@@ -283,7 +283,7 @@ def main(argv=None):
     if args.number is None:
         for i, ex in enumerate(EXERCISES, 1):
             print(f"{i:3d}  {ex.name:22s} {ex.path + ':' + ex.function:48s} {ex.reference}")
-        print("\npython exercises.py N    writes exercises/NN_name/ (once) and runs exercise N's tests there")
+        print("\npython tools/exercises.py N    writes exercises/NN_name/ (once) and runs exercise N's tests there")
         return 0
     if not 1 <= args.number <= len(EXERCISES):
         p.error(f"no exercise {args.number}: choose 1..{len(EXERCISES)}")
@@ -303,7 +303,7 @@ def main(argv=None):
               f"{os.path.relpath(os.path.join(dest, ex.path))}, then run this command again.\n")
     passed = run_tests(ex.tests, dest)[0]
     print(f"\nexercise {n} ({ex.name}): " + ("solved — the tests pass" if passed else
-          f"not yet — edit {os.path.relpath(os.path.join(dest, ex.path))} and run `python exercises.py {n}` again"))
+          f"not yet — edit {os.path.relpath(os.path.join(dest, ex.path))} and run `python tools/exercises.py {n}` again"))
     return 0 if passed else 1
 
 

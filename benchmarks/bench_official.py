@@ -1,7 +1,7 @@
 """Ours against the official code: the same training step, side by side, on the same inputs.
 
-    python bench_official.py --official DIR                 # every method whose checkout is in DIR
-    python bench_official.py --official DIR --method dino --steps 20
+    python benchmarks/bench_official.py --official DIR                 # every method whose checkout is in DIR
+    python benchmarks/bench_official.py --official DIR --method dino --steps 20
 
 DIR holds checkouts kept outside this repository (never committed): DIR/dino
 (facebookresearch/dino) and DIR/SimDINO (RobinWu218/SimDINO). Configuration (CPU): ViT-tiny/4,
@@ -32,7 +32,8 @@ import types
 import torch
 import torch.nn as nn
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
+sys.path.insert(0, ROOT)
 CHECKOUTS = {"dino": "dino", "simdino": "SimDINO"}
 CPU_CONFIG = ["--arch", "vit_tiny", "--patch_size", "4", "--global_crops_size", "32", "--local_crops_size", "16",
               "--local_crops_number", "6", "--batch_size_per_gpu", "64", "--precision", "fp32",
@@ -121,7 +122,6 @@ def official_step_fn(name, official_dir, method, cfg):
 
 def setup(name, official_dir, sides, compile_blocks=False):
     """Our method and config for `name`, the crops, and the step functions of the wanted sides."""
-    sys.path.insert(0, ROOT)
     import data
     import train
     module = __import__(name)
@@ -185,7 +185,7 @@ def profile_step(fn, crops):
 
 
 def run_worker(name, official_dir, sides, steps, warmup, threads, compile_blocks=False):
-    code = (f"import torch, bench_official as b; torch.set_num_threads({threads}); "
+    code = (f"import torch, benchmarks.bench_official as b; torch.set_num_threads({threads}); "
             f"b.worker({name!r}, {official_dir!r}, {sides!r}, {steps}, {warmup}, {compile_blocks})")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
