@@ -456,15 +456,18 @@ def adjust_hue(x, shift):
     return v.unsqueeze(1) - (v * s).unsqueeze(1) * (torch.minimum(k, 4 - k).clamp(0, 1))
 
 
-def color_jitter(x, g, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+def color_jitter(x, g, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, record=None):
     """torchvision's ColorJitter per image: factors drawn uniformly, the four operations applied
-    in an order drawn at random for each image (as torchvision does)."""
+    in an order drawn at random for each image (as torchvision does). `record`, a dict, receives
+    the drawn factors (n,) and orders (n, 4) (0 brightness, 1 contrast, 2 saturation, 3 hue)."""
     n, dev = x.shape[0], x.device
     b = torch.empty(n).uniform_(1 - brightness, 1 + brightness, generator=g).to(dev).view(-1, 1, 1, 1)
     c = torch.empty(n).uniform_(1 - contrast, 1 + contrast, generator=g).to(dev).view(-1, 1, 1, 1)
     s = torch.empty(n).uniform_(1 - saturation, 1 + saturation, generator=g).to(dev).view(-1, 1, 1, 1)
     h = torch.empty(n).uniform_(-hue, hue, generator=g).to(dev)
     order = torch.rand(n, 4, generator=g).argsort(1).to(dev)  # a random permutation per image
+    if record is not None:
+        record.update(brightness=b.flatten(), contrast=c.flatten(), saturation=s.flatten(), hue=h, order=order)
     for position in range(4):
         op = order[:, position].view(-1, 1, 1, 1)
         x = torch.where(op == 0, (x * b).clamp(0, 1), x)
@@ -511,27 +514,39 @@ class MultiCrop:
         return [(self.global_size, self.global_scale, 1), (self.global_size, self.global_scale, 1),
                 (self.local_size, self.local_scale, self.local_number)]
 
-    def photometric(self, x, g, blur_p, solarize_p):
+    def photometric(self, x, g, blur_p, solarize_p, record=None):
         """Colour jitter (p 0.8), greyscale (p 0.2), blur (p blur_p), solarise (p solarize_p),
-        normalise. x: (n, 3, h, w) in [0, 1]."""
+        normalise. x: (n, 3, h, w) in [0, 1]. `record`, a dict, receives the probabilities (`p`),
+        which images got each operation (n,) bool, the jitter factors and the blur σ (n,)."""
         n, dev = x.shape[0], x.device
-        coin = lambda p: (torch.rand(n, generator=g) < p).to(dev).view(-1, 1, 1, 1)
-        x = torch.where(coin(0.8), color_jitter(x, g), x)
-        x = torch.where(coin(0.2), grey(x).expand(-1, 3, -1, -1), x)
+        applied = {}
+
+        def coin(op, p):  # which images get operation `op`
+            applied[op] = torch.rand(n, generator=g) < p
+            return applied[op].to(dev).view(-1, 1, 1, 1)
+        x = torch.where(coin("jitter", 0.8), color_jitter(x, g, record=record), x)
+        x = torch.where(coin("grey", 0.2), grey(x).expand(-1, 3, -1, -1), x)
         sigma = torch.empty(n).uniform_(*self.blur_sigma, generator=g)
-        x = torch.where(coin(blur_p), gaussian_blur(x, sigma), x) if blur_p > 0 else x
+        x = torch.where(coin("blur", blur_p), gaussian_blur(x, sigma), x) if blur_p > 0 else x
         if solarize_p > 0:  # PIL's ImageOps.solarize: invert pixels at or above 128
-            x = torch.where(coin(solarize_p), torch.where(x >= 128 / 255, 1 - x, x), x)
+            x = torch.where(coin("solarize", solarize_p), torch.where(x >= 128 / 255, 1 - x, x), x)
+        if record is not None:
+            none = torch.zeros(n, dtype=torch.bool)
+            record.update({"blur": none, "solarize": none, **applied}, sigma=sigma,
+                          p={"jitter": 0.8, "grey": 0.2, "blur": blur_p, "solarize": solarize_p})
         return (x - self.mean.to(dev)) / self.std.to(dev)
 
-    def __call__(self, images, g):
+    def __call__(self, images, g, record=None):
+        """`record`, a list, receives one dict per crop, in output order: what `photometric`
+        records, per image (B,), and for in-memory images the crop boxes (B, 4) (top, left, h, w)
+        and flips (B,). Recording changes no draw and no output."""
+        groups, geometry = [], []
         if isinstance(images, (list, tuple)):  # crops from FolderImages workers
             groups = [images[0], images[1], torch.cat(images[2:]) if self.local_number else None]
             groups = [x.float() / 255 if x is not None else None for x in groups]
         else:
             B, _, H, W = images.shape
             x = images.float() / 255
-            groups = []
             for size, scale, count in self.crop_plan():
                 if count == 0:
                     groups.append(None)
@@ -539,13 +554,21 @@ class MultiCrop:
                 boxes = random_resized_crop_boxes(B * count, H, W, scale, g)
                 flips = torch.rand(B * count, generator=g) < 0.5
                 groups.append(resized_crops(x.repeat(count, 1, 1, 1), boxes, flips, size))
+                geometry.append({"box": boxes, "flip": flips})
         # Blur p 1.0 / 0.1 / 0.5 is DINO's, and what DINOv2 intends: its GaussianBlur hands 1 − p to
         # RandomApply, so its code blurs global crop 1 never, global crop 2 with p 0.9 and locals
         # with 0.5 (a known bug). We use the intended values for both methods.
-        crops = [self.photometric(groups[0], g, blur_p=1.0, solarize_p=0.0),
-                 self.photometric(groups[1], g, blur_p=0.1, solarize_p=0.2)]
+        drawn = [{} if record is not None else None for _ in range(3)]
+        crops = [self.photometric(groups[0], g, blur_p=1.0, solarize_p=0.0, record=drawn[0]),
+                 self.photometric(groups[1], g, blur_p=0.1, solarize_p=0.2, record=drawn[1])]
         if self.local_number:
-            crops += self.photometric(groups[2], g, blur_p=0.5, solarize_p=0.0).chunk(self.local_number)
+            crops += self.photometric(groups[2], g, blur_p=0.5, solarize_p=0.0,
+                                      record=drawn[2]).chunk(self.local_number)
+        if record is not None:  # one dict per crop: the locals' batch cut as their crops are
+            for group, count in enumerate((1, 1, self.local_number)):
+                both = {**drawn[group], **(geometry[group] if geometry and count else {})}
+                record += [{key: v if key == "p" else v.chunk(count)[k] for key, v in both.items()}
+                           for k in range(count)]
         return crops
 
 
