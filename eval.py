@@ -97,9 +97,7 @@ def feature_stats(features):
 def collapse_check(backbone, dataset, size, device, n=1024):
     """feature_stats of a backbone's CLS on the first n images of a dataset (train mode kept)."""
     was_training = backbone.training
-    backbone.eval()
-    subset = data_lib.subset(dataset, range(min(n, len(dataset))))
-    feats, _ = extract_features(backbone, subset, size, device)
+    feats, _ = extract_features(backbone.eval(), data_lib.subset(dataset, range(min(n, len(dataset)))), size, device)
     backbone.train(was_training)
     return feature_stats(feats)
 
@@ -112,24 +110,24 @@ def _labelled(ds):
     return ds
 
 
+def split_features(fn, train_set, eval_set, size, device, batch_size=256, num_workers=0):
+    """extract_features on the labelled images of both splits -> (ftr, ytr, fte, yte)."""
+    return (*extract_features(fn, _labelled(train_set), size, device, batch_size, num_workers),
+            *extract_features(fn, _labelled(eval_set), size, device, batch_size, num_workers))
+
+
 def knn_eval(backbone, train_set, eval_set, size, device, k=20, T=0.07, batch_size=256, num_workers=0):
     """k-NN top-1 / top-5 of a backbone's CLS features (train split as memory bank)."""
     was_training = backbone.training
-    backbone.eval()
-    train_set, eval_set = _labelled(train_set), _labelled(eval_set)
-    ftr, ytr = extract_features(backbone, train_set, size, device, batch_size, num_workers)
-    fte, yte = extract_features(backbone, eval_set, size, device, batch_size, num_workers)
+    features = split_features(backbone.eval(), train_set, eval_set, size, device, batch_size, num_workers)
     backbone.train(was_training)
-    return knn_classify(ftr, ytr, fte, yte, k, T, num_classes=train_set.classes)
+    return knn_classify(*features, k, T, num_classes=train_set.classes)
 
 
 def baselines(arch, patch_size, train_set, eval_set, size, device, seed=0, **kw):
     """k-NN on raw normalised pixels and on a randomly initialised ViT: {name: (top-1, top-5)}."""
-    train_set, eval_set = _labelled(train_set), _labelled(eval_set)
-    flat = lambda x: x.flatten(1)
-    ftr, ytr = extract_features(flat, train_set, size, device)
-    fte, yte = extract_features(flat, eval_set, size, device)
-    out = {"raw_pixels": knn_classify(ftr, ytr, fte, yte, num_classes=train_set.classes)}
+    pixels = split_features(lambda x: x.flatten(1), train_set, eval_set, size, device)
+    out = {"raw_pixels": knn_classify(*pixels, num_classes=train_set.classes)}
     torch.manual_seed(seed)
     random_vit = build_vit(arch, patch_size, img_size=size).to(device)
     out["random_vit"] = knn_eval(random_vit, train_set, eval_set, size, device, **kw)
@@ -165,10 +163,8 @@ def linear_probe(backbone, train_set, eval_set, size, device, n_last_blocks, avg
     train_set, eval_set = _labelled(train_set), _labelled(eval_set)
     backbone.eval()
     feats = lambda x: probe_features(backbone, x, n_last_blocks, avgpool)
-    with torch.no_grad():
-        dim = feats(torch.zeros(1, 3, size, size, device=device)).shape[1]
     torch.manual_seed(seed)
-    clf = torch.nn.Linear(dim, train_set.classes).to(device)
+    clf = torch.nn.Linear(backbone.embed_dim * (n_last_blocks + avgpool), train_set.classes).to(device)
     torch.nn.init.normal_(clf.weight, std=0.01)
     torch.nn.init.zeros_(clf.bias)
     model = dist.wrap_ddp(clf, device)
@@ -243,36 +239,32 @@ def logistic_regression(ftr, ytr, fte, yte, num_classes, weight_decays=(1e-6, 1e
     return _accuracy(fit(ftr, ytr, best)(fte), yte), best
 
 
-def run_task(args, backbone, cfg, device):
+# Each task's default resolution (--image_size overrides): (real data, synthetic data). On real data
+# the official one: 512 ADE20K, 480 DAVIS and COCO, 224 retrieval, 320 copy detection. Synthetic:
+# dense tasks at 64 px (video 128: at 64 px the shapes are 2 x 2 patches of 8), whole-image
+# features (None) at the training resolution.
+TASK_SIZES = {"seg": (512, 64), "video": (480, 128), "discover": (480, 64), "retrieval": (224, None),
+              "copydetection": (320, None)}
+
+
+def run_task(args, backbone, arch, trained, size, device):
     """seg / video / retrieval / copydetection / discover (tasks.py) on the backbone and, with
-    --baselines, on a randomly initialised ViT of its architecture (seed 0). Whole-image features
-    are taken at the training resolution on the synthetic data, at the official 224 (retrieval) or
-    320 (copy detection) on real data; dense tasks at 64 px synthetic (video 128: at 64 px the
-    shapes are 2 x 2 patches of 8), 512 (ADE20K) or 480 px (DAVIS, COCO) real; --image_size
-    overrides either."""
-    p, path = backbone.patch_size, args.data_path or ""
-    trained = cfg.get("global_crops_size") or p * math.isqrt(backbone.pos_embed.shape[1] - 1)
-    real = {"seg": 512, "video": 480, "discover": 480, "retrieval": 224, "copydetection": 320}[args.command]
-    synthetic = {"video": 128, "retrieval": trained, "copydetection": trained}.get(args.command, 64)
-    size = args.image_size or (real if path else synthetic)
-    size = size if args.image_size else max(p, size // p * p)
-    if size % p:
-        raise ValueError(f"--image_size {size} is not divisible by the patch size {p}")
+    --baselines, on a randomly initialised ViT of its architecture (seed 0)."""
+    path = args.data_path or ""
     if path and not os.path.isdir(path):
         raise ValueError(f"--data_path {path} is not a directory")
     os.makedirs(args.output_dir, exist_ok=True)
     models = {"": backbone}
     if args.baselines:
         torch.manual_seed(0)
-        models["random_vit_"] = build_vit(cfg.get("arch") or infer_vit(backbone.state_dict())["arch"], p,
-                                          img_size=trained).to(device).eval()
+        models["random_vit_"] = build_vit(arch, backbone.patch_size, img_size=trained).to(device).eval()
     result = {"task": args.command, "image_size": size, "data": path or "synthetic"}
     for prefix, model in models.items():
         t0 = time.time()
-        out, picture = tasks.run(args.command, model, device, path, size, size, os.path.join(
-            args.output_dir, f"{args.command}{'_' + prefix.rstrip('_') if prefix else ''}.png"), args.max_images)
-        result.update({prefix + k: v for k, v in out.items()}, **{prefix + "picture": picture,
-                                                                  prefix + "seconds": round(time.time() - t0, 1)})
+        picture = os.path.join(args.output_dir, f"{args.command}{'_' + prefix[:-1] if prefix else ''}.png")
+        out = tasks.run(args.command, model, device, path, size, size, picture, args.max_images)
+        out.update(picture=picture, seconds=round(time.time() - t0, 1))
+        result.update({prefix + k: v for k, v in out.items()})
     return result
 
 
@@ -381,20 +373,10 @@ def load_backbone(path, device, key="teacher", arch=None, patch_size=None):
 # ----------------------------------------------------------------------------------------------
 # Pictures: attention maps, PCA of patch features, training curves (PNG files).
 
-_pyplot = tasks.pyplot
-
-
 def _first_images(dataset, n, size, device):
     subset = data_lib.subset(dataset, range(min(n, len(dataset))))
     images, _ = next(data_lib.Loader(subset, len(subset), shuffle=False, drop_last=False).epoch(0))
     return data_lib.eval_view(images.to(device), size)   # normalised (n, 3, size, size)
-
-
-def _show(ax, image):
-    x = image.float().cpu()
-    x = (x - x.min()) / (x.max() - x.min() + 1e-8)
-    ax.imshow(x.permute(1, 2, 0).numpy())
-    ax.set_xticks([]), ax.set_yticks([])
 
 
 def keep_mass(a, fraction=0.6):
@@ -411,29 +393,23 @@ def keep_mass(a, fraction=0.6):
 def attention_picture(backbone, images, path):
     """The last block's CLS attention over the patches, per head and averaged, for each image
     (registers left out), outlined where DINO's 60 % mass threshold keeps it."""
-    plt = _pyplot()
-    n, (_, _, H, W) = len(images), images.shape
-    gh, gw = H // backbone.patch_size, W // backbone.patch_size
+    n, (_, _, H, W), p = len(images), images.shape, backbone.patch_size
     attn = backbone.get_last_selfattention(images)[:, :, 0, 1 + backbone.num_register_tokens:]  # (n, heads, N)
-    attn = torch.cat([attn, attn.mean(1, keepdim=True)], 1).reshape(n, -1, gh, gw).float().cpu()
+    attn = torch.cat([attn, attn.mean(1, keepdim=True)], 1).reshape(n, -1, H // p, W // p).float().cpu()
     masks = keep_mass(attn.flatten(2)).reshape(attn.shape)
-    cols = attn.shape[1] + 1
-    fig, axes = plt.subplots(n, cols, figsize=(1.6 * cols, 1.6 * n), squeeze=False)
+    centres = lambda k: (torch.arange(k) + 0.5).numpy() * p
+    fig, axes = tasks.figure(n, attn.shape[1] + 1, (1.6, 1.6))
     for i in range(n):
-        _show(axes[i, 0], images[i])
+        tasks.show(axes[i, 0], images[i])
         for h in range(attn.shape[1]):
             ax = axes[i, h + 1]
-            ax.imshow(attn[i, h].numpy(), cmap="inferno", extent=(0, W, H, 0))
-            centres = lambda k: (torch.arange(k) + 0.5).numpy() * backbone.patch_size
-            if 0 < masks[i, h].sum() < gh * gw:
-                ax.contour(centres(gw), centres(gh), masks[i, h].float().numpy(), levels=[0.5],
+            tasks.show(ax, attn[i, h].numpy(), cmap="inferno", extent=(0, W, H, 0))
+            if 0 < masks[i, h].sum() < masks[i, h].numel():
+                ax.contour(centres(W // p), centres(H // p), masks[i, h].float().numpy(), levels=[0.5],
                            colors="cyan", linewidths=0.8)
-            ax.set_xticks([]), ax.set_yticks([])
             if i == 0:
                 ax.set_title("mean" if h == attn.shape[1] - 1 else f"head {h}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    tasks.save(fig, path)
 
 
 @torch.no_grad()
@@ -441,9 +417,7 @@ def pca_picture(backbone, images, path):
     """DINOv2's picture: PCA of the patch features of all images; the first component,
     thresholded at 0 (sign chosen so fewer patches are foreground), separates the foreground;
     a second PCA on the foreground patches gives three components shown as RGB."""
-    plt = _pyplot()
-    n, (_, _, H, W) = len(images), images.shape
-    gh, gw = H // backbone.patch_size, W // backbone.patch_size
+    n, (_, _, H, W), p = len(images), images.shape, backbone.patch_size
     f = backbone.forward_features(images)["x_norm_patchtokens"].float().flatten(0, 1).cpu()   # (n·N, D)
     pc1 = (f - f.mean(0)) @ torch.linalg.svd(f - f.mean(0), full_matrices=False).Vh[0]
     fg = pc1 > 0
@@ -455,22 +429,23 @@ def pca_picture(backbone, images, path):
         comps = g @ torch.linalg.svd(g, full_matrices=False).Vh[:3].T
         lo, hi = comps.min(0).values, comps.max(0).values
         rgb[fg] = (comps - lo) / (hi - lo + 1e-8)
-    rgb = rgb.reshape(n, gh, gw, 3)
-    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.3), squeeze=False)
+    rgb = rgb.reshape(n, H // p, W // p, 3)
+    fig, axes = tasks.figure(2, n, (1.6, 1.65))
     for i in range(n):
-        _show(axes[0, i], images[i])
-        axes[1, i].imshow(rgb[i].numpy(), extent=(0, W, H, 0))
-        axes[1, i].set_xticks([]), axes[1, i].set_yticks([])
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+        tasks.show(axes[0, i], images[i])
+        tasks.show(axes[1, i], rgb[i].numpy(), extent=(0, W, H, 0))
+    tasks.save(fig, path)
+
+
+# The panels of the curves: log.jsonl key, marker, y label, title.
+CURVES = [("train_loss", None, "train loss", "loss"), ("knn_top1", "o", "k-NN top-1 (%)", "k-NN"),
+          ("feat_std", ".", "feature std", "teacher CLS spread (near 0: collapse)")]
 
 
 def curves_picture(log_paths, path):
     """Training loss, k-NN top-1 and the teacher's feature spread (std over the held-out images,
     train.py's collapse watch) against epoch, one line per run (log.jsonl files or run dirs)."""
-    plt = _pyplot()
-    fig, (ax_loss, ax_knn, ax_std) = plt.subplots(1, 3, figsize=(15, 3.8))
+    fig, axes = tasks.figure(1, len(CURVES), (5, 3.8))
     for p in log_paths:
         p = os.path.join(p, "log.jsonl") if os.path.isdir(p) else p
         try:
@@ -478,27 +453,21 @@ def curves_picture(log_paths, path):
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read {p}: {e}") from None
         label = os.path.basename(os.path.dirname(os.path.abspath(p)))
-        ax_loss.plot([r["epoch"] + 1 for r in records], [r["train_loss"] for r in records], label=label)
-        knn = [(r["epoch"] + 1, r["knn_top1"]) for r in records if "knn_top1" in r]
-        if knn:
-            ax_knn.plot(*zip(*knn), marker="o", label=label)
-        std = [(r["epoch"] + 1, r["feat_std"]) for r in records if "feat_std" in r]
-        if std:
-            ax_std.plot(*zip(*std), marker=".", label=label)
-    ax_loss.set(xlabel="epoch", ylabel="train loss", title="loss")
-    ax_knn.set(xlabel="epoch", ylabel="k-NN top-1 (%)", title="k-NN")
-    ax_std.set(xlabel="epoch", ylabel="feature std", title="teacher CLS spread (near 0: collapse)")
-    for ax in (ax_loss, ax_knn, ax_std):
+        for ax, (key, marker, _, _) in zip(axes[0], CURVES):
+            points = [(r["epoch"] + 1, r[key]) for r in records if key in r]
+            if points:
+                ax.plot(*zip(*points), marker=marker, label=label)
+    for ax, (_, _, ylabel, title) in zip(axes[0], CURVES):
+        ax.set(xlabel="epoch", ylabel=ylabel, title=title)
         if ax.lines:  # a run without k-NN or feature-spread records leaves its panel empty
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    tasks.save(fig, path)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=tasks.__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("command", choices=["knn", "linear", "attention", "pca", "curves", *tasks.TASKS])
     p.add_argument("--checkpoint", default="", help="ours (checkpoint.pth) or an official DINO / DINOv2 / "
                                                     "SimDINO checkpoint or backbone")
@@ -531,72 +500,78 @@ def main(argv=None):
     p.add_argument("--logs", nargs="+", default=[], help="curves: log.jsonl files or run directories")
     args = p.parse_args(argv)
     device = dist.setup(args.device)
-    result = None
     try:
         for name in ("batch_size", "batch_size_per_gpu", "epochs", "nb_knn", "num_images"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
-        if args.command == "curves":
-            if not args.logs:
-                raise ValueError("curves needs --logs RUN_DIR_OR_LOG [...]")
-            os.makedirs(args.output_dir, exist_ok=True)
-            result = {"picture": os.path.join(args.output_dir, "curves.png")}
-            curves_picture(args.logs, result["picture"])
-        else:
-            if not args.checkpoint:
-                raise ValueError("--checkpoint is required")
-            backbone, cfg = load_backbone(args.checkpoint, device, args.checkpoint_key, args.arch, args.patch_size)
-            cfg = cfg or {}
-        if args.command in tasks.TASKS:
-            result = run_task(args, backbone, cfg, device)
-        elif args.command != "curves":
-            name = args.data or cfg.get("data")
-            if not name:
-                raise ValueError(f"{args.checkpoint} is not a nanodino checkpoint: give --data (and --data_path)")
-            path = args.data_path if args.data_path is not None else cfg.get("data_path", "")
-            size = args.image_size or cfg.get("global_crops_size") or backbone.patch_size * math.isqrt(
-                backbone.pos_embed.shape[1] - 1)
-            if size % backbone.patch_size:
-                raise ValueError(f"--image_size {size} is not divisible by the patch size {backbone.patch_size}")
-            train_set, eval_set = data_lib.load_dataset(name, path, eval_size=size)
-        if args.command == "knn":
-            top1, top5 = knn_eval(backbone, train_set, eval_set, size, device, args.nb_knn, args.temperature,
-                                  args.batch_size, args.num_workers)
-            result = {"top1": top1, "top5": top5, "k": args.nb_knn, "data": name}
-            if args.baselines:
-                for key, (b1, b5) in baselines(cfg.get("arch") or infer_vit(backbone.state_dict())["arch"],
-                                               backbone.patch_size, train_set, eval_set, size,
-                                               device, k=args.nb_knn, T=args.temperature).items():
-                    result[f"{key}_top1"], result[f"{key}_top5"] = b1, b5
-        elif args.command == "linear":
-            n_last, avgpool = probe_recipe(backbone)
-            n_last = args.n_last_blocks or n_last
-            avgpool = bool(avgpool if args.avgpool_patchtokens is None else args.avgpool_patchtokens)
-            if not 1 <= n_last <= len(backbone.blocks):
-                raise ValueError(f"--n_last_blocks must be in 1..{len(backbone.blocks)}, got {n_last}")
-            result = {"data": name, "n_last_blocks": n_last, "avgpool_patchtokens": avgpool}
-            if args.fast:
-                feats = lambda x: probe_features(backbone, x, n_last, avgpool)
-                tr, ev = _labelled(train_set), _labelled(eval_set)
-                ftr, ytr = extract_features(feats, tr, size, device, args.batch_size, args.num_workers)
-                fte, yte = extract_features(feats, ev, size, device, args.batch_size, args.num_workers)
-                (top1, top5), wd = logistic_regression(ftr, ytr, fte, yte, tr.classes)
-                result.update(mode="logistic regression", weight_decay=wd)
-            else:
-                top1, top5 = linear_probe(backbone, train_set, eval_set, size, device, n_last, avgpool,
-                                          args.epochs, args.batch_size_per_gpu, args.lr, num_workers=args.num_workers)
-                result.update(mode="sgd", epochs=args.epochs)
-            result.update(top1=top1, top5=top5)
-        elif args.command in ("attention", "pca"):
-            os.makedirs(args.output_dir, exist_ok=True)
-            images = _first_images(eval_set, args.num_images, size, device)
-            result = {"picture": os.path.join(args.output_dir, f"{args.command}.png")}
-            (attention_picture if args.command == "attention" else pca_picture)(backbone, images, result["picture"])
+        result = evaluate(args, device)
     except (ValueError, data_lib.DataError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     if dist.is_main():
         print(json.dumps(result))
     dist.cleanup()
+
+
+def evaluate(args, device):
+    """The subcommand's result (a dict)."""
+    if args.command == "curves":
+        if not args.logs:
+            raise ValueError("curves needs --logs RUN_DIR_OR_LOG [...]")
+        os.makedirs(args.output_dir, exist_ok=True)
+        picture = os.path.join(args.output_dir, "curves.png")
+        curves_picture(args.logs, picture)
+        return {"picture": picture}
+    if not args.checkpoint:
+        raise ValueError("--checkpoint is required")
+    backbone, cfg = load_backbone(args.checkpoint, device, args.checkpoint_key, args.arch, args.patch_size)
+    cfg, p = cfg or {}, backbone.patch_size
+    arch = cfg.get("arch") or infer_vit(backbone.state_dict())["arch"]
+    trained = cfg.get("global_crops_size") or p * math.isqrt(backbone.pos_embed.shape[1] - 1)
+    size = trained
+    if args.command in tasks.TASKS:
+        real, synthetic = TASK_SIZES[args.command]
+        size = max(p, (real if args.data_path else synthetic or trained) // p * p)
+    size = args.image_size or size
+    if size % p:
+        raise ValueError(f"--image_size {size} is not divisible by the patch size {p}")
+    if args.command in tasks.TASKS:
+        return run_task(args, backbone, arch, trained, size, device)
+    name = args.data or cfg.get("data")
+    if not name:
+        raise ValueError(f"{args.checkpoint} is not a nanodino checkpoint: give --data (and --data_path)")
+    path = args.data_path if args.data_path is not None else cfg.get("data_path", "")
+    train_set, eval_set = data_lib.load_dataset(name, path, eval_size=size)
+    if args.command == "knn":
+        top1, top5 = knn_eval(backbone, train_set, eval_set, size, device, args.nb_knn, args.temperature,
+                              args.batch_size, args.num_workers)
+        result = {"top1": top1, "top5": top5, "k": args.nb_knn, "data": name}
+        if args.baselines:
+            for key, (b1, b5) in baselines(arch, p, train_set, eval_set, size, device, k=args.nb_knn,
+                                           T=args.temperature).items():
+                result[f"{key}_top1"], result[f"{key}_top5"] = b1, b5
+        return result
+    if args.command == "linear":
+        n_last, avgpool = probe_recipe(backbone)
+        n_last = args.n_last_blocks or n_last
+        avgpool = bool(avgpool if args.avgpool_patchtokens is None else args.avgpool_patchtokens)
+        if not 1 <= n_last <= len(backbone.blocks):
+            raise ValueError(f"--n_last_blocks must be in 1..{len(backbone.blocks)}, got {n_last}")
+        result = {"data": name, "n_last_blocks": n_last, "avgpool_patchtokens": avgpool}
+        if args.fast:
+            features = split_features(lambda x: probe_features(backbone, x, n_last, avgpool), train_set, eval_set,
+                                      size, device, args.batch_size, args.num_workers)
+            (top1, top5), wd = logistic_regression(*features, train_set.classes)
+            result.update(mode="logistic regression", weight_decay=wd)
+        else:
+            top1, top5 = linear_probe(backbone, train_set, eval_set, size, device, n_last, avgpool,
+                                      args.epochs, args.batch_size_per_gpu, args.lr, num_workers=args.num_workers)
+            result.update(mode="sgd", epochs=args.epochs)
+        return {**result, "top1": top1, "top5": top5}
+    os.makedirs(args.output_dir, exist_ok=True)   # attention, pca
+    picture = os.path.join(args.output_dir, f"{args.command}.png")
+    draw = attention_picture if args.command == "attention" else pca_picture
+    draw(backbone, _first_images(eval_set, args.num_images, size, device), picture)
+    return {"picture": picture}
 
 
 if __name__ == "__main__":

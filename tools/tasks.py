@@ -13,26 +13,18 @@ detection). With --data_path each reads the real dataset's layout (below) and re
 metric. Features are the backbone's last layer (after its norm): patch tokens for the dense tasks,
 the CLS token (and GeM-pooled patches for copy detection) for retrieval.
 
-- seg (DINOv2 §7.4, "linear" setting): a BatchNorm-like standardisation and a linear layer on the
-  frozen patch tokens, logits upsampled bilinearly to pixels, trained with cross-entropy; mIoU and
-  mAcc as mmsegmentation counts them. ADE20K: ADEChallengeData2016/{images,annotations}/
-  {training,validation}, label 0 ignored. Images are resized whole to a square (the official
-  protocol slides 512 px windows).
-- video (DINO §4.2.2, eval_video_segmentation.py): the first frame's mask is propagated from the
-  first frame and the 7 previous ones, over a 12-patch neighbourhood, keeping each patch's 5 best
-  affinities exp(cos/0.1); J&F as DAVIS-2017 counts it (first and last frames left out).
+- seg (DINOv2 §7.4, "linear" setting): a linear head on the frozen patch tokens; mIoU, mAcc.
+  ADE20K: ADEChallengeData2016/{images,annotations}/{training,validation}, label 0 ignored; images
+  resized whole to a square (the official protocol slides 512 px windows).
+- video (DINO §4.2.2, eval_video_segmentation.py): label propagation from the first frame; J&F.
   DAVIS: DAVIS/{JPEGImages,Annotations}/480p/<video>/, ImageSets/2017/val.txt.
-- retrieval (DINO §4.2.1, eval_image_retrieval.py): cosine ranking of CLS features, the Holidays
-  trapezoid average precision. rOxford5k / rParis6k: <dir>/jpg/*.jpg and <dir>/gnd_r*.pkl
-  (Medium and Hard protocols).
-- copydetection (DINO §4.2.1, eval_copy_detection.py): CLS + GeM(p=4) of the patch tokens,
-  whitening learned on distractors, mAP of the strong copies. Copydays: original/ and strong/
-  (a copy matches the originals whose names share its first 4 characters), distractors/ optional.
-- discover (MaskCut, Wang et al. 2023, after TokenCut): up to 3 normalized cuts of the last block's
-  key graph (cos > 0.2), each the second-smallest generalized eigenvector split at its mean, the
-  side holding its peak as foreground (flipped when it holds 3 corners), the connected component
-  of that seed as the object; box AP at IoU 0.5 / 0.75 / 0.5:0.95 (COCO's 101-point AP), boxes
-  scored 1 − λ₂. COCO: val2017/ and annotations/instances_val2017.json.
+- retrieval (DINO §4.2.1, eval_image_retrieval.py): cosine ranking of CLS features; mAP.
+  rOxford5k / rParis6k: <dir>/jpg/*.jpg and <dir>/gnd_r*.pkl (Medium and Hard protocols).
+- copydetection (DINO §4.2.1, eval_copy_detection.py): CLS + GeM-pooled patches, whitened; mAP of
+  the strong copies. Copydays: original/ and strong/ (a copy matches the originals whose names
+  share its first 4 characters), distractors/ optional.
+- discover (MaskCut, Wang et al. 2023, after TokenCut): normalized cuts of the last block's key
+  graph; box AP50 / AP75 / AP. COCO: val2017/ and annotations/instances_val2017.json.
 """
 import json
 import math
@@ -86,17 +78,21 @@ def last_keys(backbone, images, device):
     return _per_batch(keys, images, device).unflatten(1, (images.shape[-2] // backbone.patch_size, -1))
 
 
-def _resize(image, size, mode="bicubic"):
-    """(C, H, W) -> (C, *size): images bicubic and antialiased, label maps nearest."""
-    if mode == "nearest":
-        return F.interpolate(image[None].float(), size=size, mode="nearest-exact")[0].to(image.dtype)
+def _resize(image, size):
+    """uint8 (3, H, W) -> (3, *size), bicubic and antialiased."""
     x = F.interpolate(image[None].float(), size=size, mode="bicubic", antialias=True, align_corners=False)
     return x[0].round().clamp(0, 255).to(torch.uint8)
 
 
-def _read(path):
-    """An image file -> uint8 (3, H, W)."""
-    return torch.from_numpy(np.array(data_lib.read_rgb(path))).permute(2, 0, 1).contiguous()
+def _resize_labels(labels, size):
+    """A label map (H, W) -> (*size), nearest."""
+    return F.interpolate(labels[None, None].float(), size=size, mode="nearest-exact")[0, 0].to(labels.dtype)
+
+
+def _read(path, size=None):
+    """An image file -> uint8 (3, H, W), resized whole to size x size when given."""
+    x = torch.from_numpy(np.array(data_lib.read_rgb(path))).permute(2, 0, 1).contiguous()
+    return x if size is None else _resize(x, (size, size))
 
 
 def _read_index_png(path):
@@ -104,6 +100,18 @@ def _read_index_png(path):
     from PIL import Image
     with Image.open(path) as im:
         return torch.from_numpy(np.array(im, dtype=np.int64))
+
+
+def _dataset_root(data_path, name):
+    """data_path/name where that folder exists (the archive's own top folder), else data_path."""
+    return os.path.join(data_path, name) if os.path.isdir(os.path.join(data_path, name)) else data_path
+
+
+def _required(path, dataset):
+    """path, when the file is there; else the one-line error that --data_path is not a `dataset` folder."""
+    if not os.path.isfile(path):
+        raise data_lib.DataError(f"{path} not found: --data_path should be a {dataset} folder")
+    return path
 
 
 def _files(folder, extensions=data_lib.IMAGE_EXTENSIONS):
@@ -124,14 +132,14 @@ def segmentation_data(data_path, size, max_images=0):
         labels = torch.where(ids[:, 0] > 0, classes.gather(1, (ids[:, 0].long() - 1).clamp(min=0).flatten(1))
                              .view_as(ids[:, 0]) + 1, 0)
         return images[:1000, 0], labels[:1000], images[1000:, 0], labels[1000:], ("background",) + data_lib.SHAPES
-    root = os.path.join(data_path, "ADEChallengeData2016") if os.path.isdir(
-        os.path.join(data_path, "ADEChallengeData2016")) else data_path
+    root = _dataset_root(data_path, "ADEChallengeData2016")
     splits = []
     for split in ("training", "validation"):
         files = _files(os.path.join(root, "images", split))[:max_images or None]
-        x = torch.stack([_resize(_read(f), (size, size)) for f in files])
-        y = torch.stack([_resize(_read_index_png(os.path.join(root, "annotations", split, os.path.basename(
-            os.path.splitext(f)[0]) + ".png"))[None], (size, size), "nearest")[0] for f in files])
+        labels = [os.path.join(root, "annotations", split, os.path.splitext(os.path.basename(f))[0] + ".png")
+                  for f in files]
+        x = torch.stack([_read(f, size) for f in files])
+        y = torch.stack([_resize_labels(_read_index_png(f), (size, size)) for f in labels])
         splits += [x, y - 1]  # ADE20K: 0 is "other", ignored; classes 1..150 -> 0..149
     return (*splits, tuple(f"class {i}" for i in range(150)))
 
@@ -251,10 +259,8 @@ def video_data(data_path, size=64, patch_size=8):
     if not data_path:
         frames, ids, _ = data_lib.make_scenes(20, frames=16, size=size, seed=2)
         return [(f"clip{i}", frames[i], ids[i].long(), None) for i in range(len(frames))]
-    root = os.path.join(data_path, "DAVIS") if os.path.isdir(os.path.join(data_path, "DAVIS")) else data_path
-    listing = os.path.join(root, "ImageSets", "2017", "val.txt")
-    if not os.path.isfile(listing):
-        raise data_lib.DataError(f"{listing} not found: --data_path should be a DAVIS-2017 folder")
+    root = _dataset_root(data_path, "DAVIS")
+    listing = _required(os.path.join(root, "ImageSets", "2017", "val.txt"), "DAVIS-2017")
     clips = []
     for name in open(listing).read().split():
         files = _files(os.path.join(root, "JPEGImages", "480p", name))
@@ -300,9 +306,8 @@ def make_copies(images, g, strong):
     """Augmented copies of uint8 images (N, 3, S, S). Mild (retrieval's other views of an instance):
     a crop of 70-100 % of the area, flip, colour jitter. Strong (copy detection, as Copydays'
     "strong" block): a crop of 50-100 %, flip, colour jitter, blur (σ 0.1-1 px) and an overlay, a
-    rectangle of random grey over 5-10 % of the copy. Milder than their names suggest because the
-    images are 32 pixels of shapes and noise: with crops of 40 % every backbone, and raw pixels,
-    retrieve at the floor (mAP 1-5 %)."""
+    rectangle of random grey over 5-10 % of the copy. Milder than their names suggest: the images
+    are 32 pixels of shapes and noise, and smaller crops leave nothing to retrieve by."""
     n, _, S, _ = images.shape
     x = images.float() / 255
     boxes = data_lib.random_resized_crop_boxes(n, S, S, (0.5, 1.0) if strong else (0.7, 1.0), g)
@@ -319,14 +324,16 @@ def make_copies(images, g, strong):
 
 
 def retrieval_data(data_path, size, g):
-    """(database uint8, queries uint8, positives, junk, name); synthetic: 500 new images of the
-    training distribution (seed 3), 3 mild views of each in the database, one more view of the first 200 as queries, a
-    query's positives the views of its image. Real: revisited Oxford / Paris, Medium protocol
-    (easy + hard positive, junk ignored); Hard is printed too."""
+    """(database uint8, queries uint8, positives, junk, ground truth); synthetic: 500 new images of
+    the training distribution (seed 3), 3 mild views of each in the database, one more view of the
+    first 200 as queries, a query's positives the views of its image (no junk, no ground truth).
+    Real: revisited Oxford / Paris, Medium protocol (easy + hard positive, junk ignored); the
+    ground truth gives Hard too."""
     if not data_path:
         base, _ = data_lib.make_synthetic(500, seed=3)
         database = torch.cat([make_copies(base, g, strong=False) for _ in range(3)])  # view v of image i at v·500 + i
-        return database, make_copies(base[:200], g, strong=False), [[i, 500 + i, 1000 + i] for i in range(200)], None, None
+        positives = [[i, 500 + i, 1000 + i] for i in range(200)]
+        return database, make_copies(base[:200], g, strong=False), positives, None, None
     gnd_files = [f for f in os.listdir(data_path) if f.startswith("gnd_r") and f.endswith(".pkl")] \
         if os.path.isdir(data_path) else []
     if not gnd_files:
@@ -336,12 +343,12 @@ def retrieval_data(data_path, size, g):
             cfg = _NumpyUnpickler(f).load()
     except (pickle.UnpicklingError, EOFError, AttributeError) as e:
         raise data_lib.DataError(f"cannot read {gnd_files[0]}: {e}") from None
-    read = lambda name: _read(os.path.join(data_path, "jpg", name + ".jpg"))
-    database = torch.stack([_resize(read(n), (size, size)) for n in cfg["imlist"]])
+    jpg = lambda name: os.path.join(data_path, "jpg", name + ".jpg")
+    database = torch.stack([_read(jpg(n), size) for n in cfg["imlist"]])
     queries = []
     for name, q in zip(cfg["qimlist"], cfg["gnd"]):  # queries are cropped to their box, as the official
         x0, y0, x1, y1 = (int(round(v)) for v in q["bbx"])
-        queries.append(_resize(read(name)[:, y0:y1, x0:x1], (size, size)))
+        queries.append(_resize(_read(jpg(name))[:, y0:y1, x0:x1], (size, size)))
     medium = [list(np.concatenate([q["easy"], q["hard"]])) for q in cfg["gnd"]]
     return database, torch.stack(queries), medium, [list(q["junk"]) for q in cfg["gnd"]], cfg["gnd"]
 
@@ -367,9 +374,9 @@ def whiten(features, *others):
 
 
 def copy_detection_data(data_path, size, g):
-    """(database, queries, positives, whitening images); synthetic: 2000 originals (new
-    images of the training distribution, seed 4), strong copies of the first 300 as queries, 2000 other images to learn the
-    whitening. Copydays: original/ and strong/ (distractors/ both in the database and for
+    """(database, queries, positives, whitening images); synthetic: 2000 originals (new images of
+    the training distribution, seed 4), strong copies of the first 300 as queries, 2000 other
+    images to learn the whitening. Copydays: original/ and strong/ (distractors/ both in the database and for
     whitening when present, else the originals whiten)."""
     if not data_path:
         base, _ = data_lib.make_synthetic(4000, seed=4)
@@ -377,7 +384,7 @@ def copy_detection_data(data_path, size, g):
     originals, strong = _files(os.path.join(data_path, "original")), _files(os.path.join(data_path, "strong"))
     distractors = _files(os.path.join(data_path, "distractors")) if os.path.isdir(
         os.path.join(data_path, "distractors")) else []
-    load = lambda files: torch.stack([_resize(_read(f), (size, size)) for f in files])
+    load = lambda files: torch.stack([_read(f, size) for f in files])
     positives = [[i for i, o in enumerate(originals) if os.path.basename(o)[:4] == os.path.basename(s)[:4]]
                  for s in strong]
     database = load(originals + distractors)
@@ -408,7 +415,8 @@ def normalized_cuts(feats, n_masks=3, tau=0.2, eps=1e-5):
     mask overlapping the previous one (IoU > 0.5) or covering ≤ 1 % of the image is dropped.
     Score: 1 − λ₂."""
     h, w, _ = feats.shape
-    f, taken, out, previous = F.normalize(feats.flatten(0, 1).double(), dim=-1), torch.zeros(h * w, dtype=torch.bool), [], None
+    f = F.normalize(feats.flatten(0, 1).double(), dim=-1)
+    taken, out, previous = torch.zeros(h * w, dtype=torch.bool), [], None
     for _ in range(n_masks):
         g = f * (~taken)[:, None]
         A = torch.where(g @ g.T > tau, 1.0, eps).double()
@@ -433,7 +441,7 @@ def normalized_cuts(feats, n_masks=3, tau=0.2, eps=1e-5):
 def mask_box(mask, scale=1.0):
     """The box (x0, y0, x1, y1) of a bool mask (h, w), scaled (patch grid -> pixels)."""
     ys, xs = torch.nonzero(mask, as_tuple=True)
-    return [xs.min().item() * scale, ys.min().item() * scale, (xs.max().item() + 1) * scale, (ys.max().item() + 1) * scale]
+    return [v * scale for v in (xs.min().item(), ys.min().item(), xs.max().item() + 1, ys.max().item() + 1)]
 
 
 def box_iou(a, b):
@@ -454,7 +462,7 @@ def box_ap(detections, ground_truth, iou_threshold):
         order = scores.argsort(descending=True)
         iou = box_iou(boxes[order], gt) if len(gt) and len(boxes) else torch.zeros(len(boxes), len(gt))
         used = torch.zeros(len(gt), dtype=torch.bool)
-        for k, s in zip(range(len(order)), scores[order].tolist()):
+        for k, s in enumerate(scores[order].tolist()):
             cand = torch.where(used | (iou[k] < iou_threshold), -1.0, iou[k])
             hit = len(gt) > 0 and cand.max() >= 0
             if hit:
@@ -478,10 +486,7 @@ def discovery_data(data_path, size, max_images=0):
         images, ids, _ = data_lib.make_scenes(300, size=size, seed=5)
         boxes = [torch.tensor([mask_box(m[0] == k) for k in range(1, 4) if (m[0] == k).any()]) for m in ids]
         return images[:, 0], boxes
-    path = os.path.join(data_path, "annotations", "instances_val2017.json")
-    if not os.path.isfile(path):
-        raise data_lib.DataError(f"{path} not found: --data_path should be a COCO folder")
-    coco = json.load(open(path))
+    coco = json.load(open(_required(os.path.join(data_path, "annotations", "instances_val2017.json"), "COCO")))
     boxes = {}
     for a in coco["annotations"]:
         if not a.get("iscrowd"):
@@ -490,18 +495,20 @@ def discovery_data(data_path, size, max_images=0):
     images, gts = [], []
     for im in coco["images"][:max_images or None]:
         x = _read(os.path.join(data_path, "val2017", im["file_name"]))
-        sy, sx = size / x.shape[-2], size / x.shape[-1]
+        sx, sy = size / x.shape[-1], size / x.shape[-2]
         images.append(_resize(x, (size, size)))
-        gts.append(torch.tensor(boxes.get(im["id"], []), dtype=torch.float32).view(-1, 4) * torch.tensor([sx, sy, sx, sy]))
+        gts.append(torch.tensor(boxes.get(im["id"], []), dtype=torch.float32).view(-1, 4) * torch.tensor([sx, sy] * 2))
     return torch.stack(images), gts
 
 
 # ----------------------------------------------------------------------------------------------
 # The subcommands: one task on a backbone -> (results, picture).
 
-def run(task, backbone, device, data_path="", global_size=32, dense_size=64, picture="task.png", max_images=0, seed=0):
-    """Run `task`; global_size is the resolution of whole-image features (retrieval, copy
-    detection), dense_size that of the dense tasks' images. Returns (results dict, picture path)."""
+def run(task, backbone, device, data_path="", global_size=32, dense_size=64, picture="task.png", max_images=0,
+        seed=0):
+    """Run `task`, draw its picture into the file `picture` and return its results (a dict);
+    global_size is the resolution of whole-image features (retrieval, copy detection), dense_size
+    that of the dense tasks' images."""
     torch.manual_seed(seed)
     g, p = torch.Generator().manual_seed(seed), backbone.patch_size
     if task == "seg":
@@ -510,12 +517,12 @@ def run(task, backbone, device, data_path="", global_size=32, dense_size=64, pic
                                    len(names), seed=seed)
         miou, macc = segmentation_metrics(pred, yte, len(names))
         _label_grid([xte[:6], yte[:6], pred[:6]], ["image", "truth", "linear head"], picture)
-        return {"mIoU": 100 * miou, "mAcc": 100 * macc, "images": len(xte)}, picture
+        return {"mIoU": 100 * miou, "mAcc": 100 * macc, "images": len(xte)}
     if task == "video":
         js, fs = [], []
         for k, (name, frames, labels, original) in enumerate(video_data(data_path, dense_size, p)):
             objects = [o for o in labels[0].unique().tolist() if o > 0]
-            first = _resize(labels[0][None], (frames.shape[-2] // p, frames.shape[-1] // p), "nearest")[0]
+            first = _resize_labels(labels[0], (frames.shape[-2] // p, frames.shape[-1] // p))
             first = F.one_hot(first.clamp(min=0), int(labels[0].max()) + 1).permute(2, 0, 1)
             pred = labels_to_pixels(propagate_labels(patch_features(backbone, frames, device), first), p, original)
             j, f = j_and_f(pred, labels, objects)
@@ -526,18 +533,17 @@ def run(task, backbone, device, data_path="", global_size=32, dense_size=64, pic
                 _label_grid([shown, labels[t], pred[t]], ["frame", "truth", "propagated"], picture,
                             transpose=True)
         j, f = torch.cat(js).mean().item(), torch.cat(fs).mean().item()
-        return {"J&F": 100 * (j + f) / 2, "J": 100 * j, "F": 100 * f, "clips": len(js)}, picture
+        return {"J&F": 100 * (j + f) / 2, "J": 100 * j, "F": 100 * f, "clips": len(js)}
     if task == "retrieval":
         database, queries, positives, junk, gnd = retrieval_data(data_path, global_size, g)
         fd, fq = (F.normalize(global_features(backbone, x, device, global_size), dim=-1) for x in (database, queries))
         sim = fq @ fd.T
-        out = {"mAP": 100 * mean_average_precision(sim, positives, junk), "queries": len(queries)}
-        if gnd is not None:  # revisited protocols: Medium above, Hard here
-            hard = [list(q["hard"]) for q in gnd]
+        out = {"mAP": 100 * mean_average_precision(sim, positives, junk)}
+        if gnd is not None:  # revisited protocols: Medium above, Hard here (the easy positives as junk)
             out = {"mAP_medium": out["mAP"], "mAP_hard": 100 * mean_average_precision(
-                sim, hard, [list(q["junk"]) + list(q["easy"]) for q in gnd]), "queries": len(queries)}
+                sim, [list(q["hard"]) for q in gnd], [list(q["junk"]) + list(q["easy"]) for q in gnd])}
         _ranking_picture(queries[:5], database, sim[:5], positives[:5], picture)
-        return out, picture
+        return {**out, "queries": len(queries)}
     if task == "copydetection":
         database, queries, positives, whitening = copy_detection_data(data_path, global_size, g)
         fd, fq, fw = (global_features(backbone, x, device, global_size, gem=True) for x in (database, queries, whitening))
@@ -545,7 +551,7 @@ def run(task, backbone, device, data_path="", global_size=32, dense_size=64, pic
         sim = fq @ fd.T
         _ranking_picture(queries[:5], database, sim[:5], positives[:5], picture)
         return {"mAP": 100 * mean_average_precision(sim, positives), "queries": len(queries),
-                "database": len(database)}, picture
+                "database": len(database)}
     if task == "discover":
         images, truth = discovery_data(data_path, dense_size, max_images)
         detections = []
@@ -555,74 +561,80 @@ def run(task, backbone, device, data_path="", global_size=32, dense_size=64, pic
                                torch.tensor([s for _, s in cuts], dtype=torch.float64)))
         aps = [box_ap(detections, truth, t) for t in torch.linspace(0.5, 0.95, 10).tolist()]
         _boxes_picture(images[:6], truth[:6], detections[:6], picture)
-        return {"AP50": 100 * aps[0], "AP75": 100 * aps[5], "AP": 100 * sum(aps) / 10, "images": len(images)}, picture
+        return {"AP50": 100 * aps[0], "AP75": 100 * aps[5], "AP": 100 * sum(aps) / 10, "images": len(images)}
     raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
 
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (eval.py's pictures use it too)."""
+def figure(rows, cols, cell):
+    """A figure of rows x cols panels of cell = (width, height) inches, on the file-only Agg
+    backend (eval.py's pictures use it too) -> (fig, axes (rows, cols))."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    return plt
+    return plt.subplots(rows, cols, figsize=(cell[0] * cols, cell[1] * rows), squeeze=False)
 
 
-def _image(ax, x):
-    ax.imshow(x.permute(1, 2, 0).numpy(), vmin=0, vmax=255)
+def save(fig, path):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def show(ax, x, **imshow):
+    """x on a panel without ticks: an image tensor (3, H, W), uint8 as it is, any other dtype
+    rescaled to [0, 1]; or an array (H, W[, 3]) drawn with imshow's keywords."""
+    if torch.is_tensor(x):
+        if x.dtype != torch.uint8:
+            x = x.float()
+            x = (x - x.min()) / (x.max() - x.min() + 1e-8)
+        x = x.cpu().permute(1, 2, 0).numpy()
+    ax.imshow(x, **imshow)
     ax.set_xticks([]), ax.set_yticks([])
 
 
 def _label_grid(rows, titles, path, transpose=False):
     """Images, then label maps drawn over them (ten colours, background 0 and ignored -1 clear),
     one column per image (one row per image with transpose)."""
-    plt = pyplot()
     n, k = len(rows[0]), len(rows)
-    shape = (n, k) if transpose else (k, n)
-    fig, axes = plt.subplots(*shape, figsize=(1.7 * shape[1], 1.7 * shape[0]), squeeze=False)
+    fig, axes = figure(n, k, (1.7, 1.7)) if transpose else figure(k, n, (1.7, 1.7))
     for r in range(k):
         for i in range(n):
             ax = axes[i, r] if transpose else axes[r, i]
-            _image(ax, rows[0][i])
+            show(ax, rows[0][i])
             if r:
                 labels = rows[r][i].numpy()
                 ax.imshow(np.ma.masked_where(labels <= 0, (labels - 1) % 10), cmap="tab10", alpha=0.6,
                           vmin=0, vmax=9, interpolation="nearest")
-            if (i == 0 and transpose is False) or (transpose and i == 0):
+            if i == 0:
                 ax.set_title(titles[r], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def _ranking_picture(queries, database, sim, positives, path, top=5):
     """Each query, then its `top` nearest database images, framed green when a positive."""
-    plt = pyplot()
-    fig, axes = plt.subplots(len(queries), top + 1, figsize=(1.5 * (top + 1), 1.5 * len(queries)), squeeze=False)
+    fig, axes = figure(len(queries), top + 1, (1.5, 1.5))
     for q in range(len(queries)):
-        _image(axes[q, 0], queries[q])
+        show(axes[q, 0], queries[q])
         axes[q, 0].set_ylabel("query", fontsize=8)
         for r, i in enumerate(sim[q].topk(min(top, sim.shape[1])).indices.tolist()):
             ax = axes[q, r + 1]
-            _image(ax, database[i])
+            show(ax, database[i])
             for side in ax.spines.values():
                 side.set_edgecolor("limegreen" if i in positives[q] else "red"), side.set_linewidth(3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def _boxes_picture(images, truth, detections, path):
     """Ground-truth boxes (green) and discovered ones (red, dashed, with their score)."""
-    plt = pyplot()
     from matplotlib.patches import Rectangle
-    fig, axes = plt.subplots(1, len(images), figsize=(2 * len(images), 2.2), squeeze=False)
+    box = lambda b, **style: Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False, **style)
+    fig, axes = figure(1, len(images), (2, 2.2))
     for ax, x, gt, (boxes, scores) in zip(axes[0], images, truth, detections):
-        _image(ax, x)
+        show(ax, x)
         for b in gt.tolist():
-            ax.add_patch(Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False, color="limegreen", lw=1.5))
+            ax.add_patch(box(b, color="limegreen", lw=1.5))
         for b, s in zip(boxes.tolist(), scores.tolist()):
-            ax.add_patch(Rectangle((b[0] - 0.5, b[1] - 0.5), b[2] - b[0], b[3] - b[1], fill=False, color="red", lw=1.2, ls="--"))
+            ax.add_patch(box(b, color="red", lw=1.2, ls="--"))
             ax.text(b[0], b[1] - 1, f"{s:.2f}", color="red", fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
