@@ -273,6 +273,13 @@ def test_token_init():
     assert torch.equal(model.mask_token, torch.zeros_like(model.mask_token))
 
 
+def test_layer_norms_have_the_official_eps():
+    """Official DINO and DINOv2 build every LayerNorm as partial(nn.LayerNorm, eps=1e-6)."""
+    model = build_vit("vit_pico", 8, img_size=32, layerscale=0.1, num_register_tokens=2)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert len(norms) == 2 * len(model.blocks) + 1 and all(m.eps == 1e-6 for m in norms)
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop's last-layer freeze (official utils.cancel_gradients_last_layer: during the first
 # --freeze_last_layer epochs the gradients of every parameter named *last_layer* are dropped).
