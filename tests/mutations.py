@@ -166,18 +166,21 @@ def existing(root, targets):
 
 
 def run_tests(root, targets, timeout):
-    """pytest -x -q on the targets in root: True when every test passed."""
+    """pytest -x -q on the targets in root -> (every test passed, the test that failed)."""
     select = next((t[3:] for t in targets if t.startswith("-k ")), DESELECT)
     targets = [t for t in targets if not t.startswith("-k ")]
     if not targets:
-        return True
+        return True, ""
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONDONTWRITEBYTECODE="1")
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-k", select, *targets]
     try:
         r = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
-        return False   # a mutation that hangs the tests is noticed
-    return r.returncode == 0 or r.returncode == 5 and "deselected" in r.stdout   # 5: all deselected
+        return False, f"timeout after {timeout:.0f} s"   # a mutation that hangs the tests is noticed
+    if r.returncode == 0 or r.returncode == 5 and "deselected" in r.stdout:   # 5: all deselected
+        return True, ""
+    failed = [line.split()[1] for line in r.stdout.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    return False, failed[0] if failed else f"pytest exit {r.returncode}"
 
 
 def main():
@@ -201,11 +204,11 @@ def main():
             targets = existing(root, targets)
             select = next((t for t in targets if t.startswith("-k ")), "")
             union.setdefault(select, {}).update(dict.fromkeys(t for t in targets if not t.startswith("-k ")))
-        clean = {select: run_tests(root, [*files, select] if select else list(files), args.timeout)
-                 for select, files in union.items()}
-        for select, ok in clean.items():
-            if not ok:
-                print(f"baseline fails: {' '.join(union[select])} {select}", flush=True)
+        clean = {}
+        for select, files in union.items():
+            clean[select], failed = run_tests(root, [*files, select] if select else list(files), args.timeout)
+            if not clean[select]:
+                print(f"baseline fails ({failed}): {' '.join(union[select])} {select}", flush=True)
         baseline = lambda targets: clean[next((t for t in targets if t.startswith("-k ")), "")]
         rows, t0 = [], time.time()
         for mid, path, edits, targets in chosen:
@@ -213,6 +216,7 @@ def main():
             source = open(file).read() if os.path.exists(file) else ""
             found = [(old, new) for old, new in edits if source.count(old) == 1]
             targets = existing(root, targets)
+            failed = ""
             if not found:
                 status = "ambiguous" if any(source.count(old) > 1 for old, _ in edits) else "stale"
             elif not baseline(targets):
@@ -222,17 +226,18 @@ def main():
                 with open(file, "w") as f:
                     f.write(source.replace(old, new))
                 try:
-                    status = "survived" if run_tests(root, targets, args.timeout) else "killed"
+                    passed, failed = run_tests(root, targets, args.timeout)
+                    status = "survived" if passed else "killed"
                 finally:
                     with open(file, "w") as f:
                         f.write(source)
-            rows.append((mid, path, status, targets))
-            print(f"{status:14s} {mid:42s} {path}", flush=True)
+            rows.append((mid, path, status, failed))
+            print(f"{status:14s} {mid:42s} {path:22s} {failed}", flush=True)
     killed = sum(r[2] == "killed" for r in rows)
     survived = [r for r in rows if r[2] == "survived"]
-    print(f"\n| mutation | file | result |\n|---|---|---|")
-    for mid, path, status, _ in rows:
-        print(f"| {mid} | {path} | {status} |")
+    print("\n| mutation | file | result | first failing test |\n|---|---|---|---|")
+    for mid, path, status, failed in rows:
+        print(f"| {mid} | {path} | {status} | {failed.replace('tests/', '')} |")
     scored = killed + len(survived)
     print(f"\nscore: {killed}/{scored} killed ({100 * killed / max(scored, 1):.0f} %); "
           f"{sum(r[2] in ('stale', 'ambiguous') for r in rows)} stale or ambiguous, "
