@@ -67,19 +67,17 @@ def embed(backbone, files, size, device, batch_size=256, grid=4):
 
 
 def copy_descriptors(maps, mean):
-    """Copy detection needs an instance-level, position-sensitive descriptor; the paper uses SSCD,
-    a model trained for it. Here the coarse patch-token map stands in: centred on the pool's
-    mean map (what all images share says nothing about copies) and L2-normalised. On the --demo
-    data it tells augmented copies from look-alikes where the CLS token, trained to ignore crops
-    and to gather images of a class, cannot (README, "curation")."""
+    """The stand-in for the paper's SSCD, a model trained for copy detection: the coarse patch-token
+    map (instance-level, position-sensitive, where the CLS token is trained to ignore crops and to
+    gather a class), centred on the pool's mean map (what all images share says nothing about
+    copies) and L2-normalised."""
     return F.normalize(maps - mean, dim=-1)
 
 
 @torch.no_grad()
 def nearest(queries, keys, k, skip_self=False, chunk=1024):
-    """The k largest cosine similarities of each query among the keys, and their indices: (n, k)
-    each, computed chunk by chunk (chunk x len(keys) similarities at a time). skip_self: queries
-    and keys are the same set, an image is not its own neighbour."""
+    """The k largest cosine similarities of each query among the keys and their indices, (n, k)
+    each, chunk queries at a time; skip_self: queries and keys are one set, none its own neighbour."""
     k = min(k, len(keys) - int(skip_self))
     sims, index = [], []
     for start in range(0, len(queries), chunk):
@@ -131,13 +129,14 @@ def retrieve(curated, pool, keep, n):
 
 
 def curate(curated_files, curated_labels, pool_files, backbone, size, device, args, exclude_files=()):
-    """The pipeline on file lists; returns (list entries [(path, class)], report dict)."""
+    """The pipeline on file lists -> (list entries [(path, class)], report dict, what score() reads)."""
     print(f"embedding {len(curated_files)} curated and {len(pool_files)} pool images at {size}x{size} ...")
     curated, _ = embed(backbone, curated_files, size, device)
     pool, pool_maps = embed(backbone, pool_files, size, device)
     mean = pool_maps.mean(dim=0)
-    copies = copy_descriptors(pool_maps, mean)
-    exclude = copy_descriptors(embed(backbone, list(exclude_files), size, device)[1], mean) if exclude_files else None
+    copies, exclude = copy_descriptors(pool_maps, mean), None
+    if exclude_files:
+        exclude = copy_descriptors(embed(backbone, list(exclude_files), size, device)[1], mean)
     keep = deduplicate(copies, args.dedup_threshold, args.dedup_k, exclude, args.exclude_threshold)
     retrieved = retrieve(curated, pool, keep, args.neighbours)
     entries, taken = list(zip(curated_files, curated_labels)), set()
@@ -198,9 +197,8 @@ def write_demo(root, n_curated=200, n_pool=2000, n_dup_groups=100, n_planted=100
 
 
 def augmented_copy(img, g):
-    """A near-duplicate as the web has them (re-encoded, recoloured, stamped, trimmed): a crop of
-    90-100 % of the area resized back, a colour jitter of 0.1, a blur of σ 0.5 pixel and a small
-    overlaid square. img: (3, H, W) uint8."""
+    """A near-duplicate as the web has them (trimmed, recoloured, re-encoded, stamped): a mild crop,
+    colour jitter, blur and a small overlaid square. img: (3, H, W) uint8."""
     x = img.float().unsqueeze(0) / 255
     H, W = x.shape[-2:]
     boxes = data_lib.random_resized_crop_boxes(1, H, W, (0.9, 1.0), g)
@@ -214,12 +212,10 @@ def augmented_copy(img, g):
 
 
 def score(planted, pool_files, curated_files, curated_labels, result):
-    """Precision and recall against the planted structure. Deduplication: the exact and augmented
-    copies should go and their originals stay (a removed original counts against precision).
-    Retrieval: recall of each planted neighbour among its curated image's retrieved ones, and the
-    fraction of retrieved images of the curated image's class (planted.json records the pool's
-    classes). And the similarities thresholds are chosen from: augmented copy to its original,
-    and each unrelated pool image's nearest neighbour."""
+    """Precision and recall against planted.json: deduplication should remove the exact and
+    augmented copies and keep their originals; retrieval should find each planted neighbour, and
+    images of the curated image's class. And the similarities to choose thresholds from: augmented
+    copy to original, and each unrelated pool image's nearest neighbour."""
     keep, retrieved, feats = result["keep"], result["retrieved"], result["copies"]
     removed = set(pool_files) - {pool_files[i] for i in keep}
     groups = planted["duplicate_groups"]                     # [original, exact copy, augmented copy]
