@@ -92,8 +92,10 @@ MUTATIONS = [
     ("freeze-by-step-not-epoch", "train.py", [("if epoch < cfg.freeze_last_layer:", "if step < cfg.freeze_last_layer:")], FREEZE),
     ("freeze-never", "train.py", [("if epoch < cfg.freeze_last_layer:", "if epoch < 0:")], FREEZE),
     ("freeze-one-epoch-too-many", "train.py", [("if epoch < cfg.freeze_last_layer:", "if epoch <= cfg.freeze_last_layer:")], FREEZE),
-    ("last-layer-untagged", "dino.py", [('last = "last_layer" in name', "last = False")], FREEZE),
-    ("last-layer-only-weight-v", "dino.py", [('last = "last_layer" in name', 'last = name.endswith("last_layer.weight_v")')], FREEZE),
+    ("last-layer-untagged", "dino.py", [('last = "last_layer" in name', "last = False"),
+                                        ('"last_layer" in name, lr_mult(name)', "False, lr_mult(name)")], FREEZE),
+    ("last-layer-only-weight-v", "dino.py", [('last = "last_layer" in name', 'last = name.endswith("last_layer.weight_v")'),
+                                             ('"last_layer" in name, lr_mult(name)', 'name.endswith("last_layer.weight_v"), lr_mult(name)')], FREEZE),
     # -- k-NN (eval.py) ---------------------------------------------------------------------------
     ("knn-majority-vote", "eval.py", [("train_labels[idx], (sim / T).exp())", "train_labels[idx], torch.ones_like(sim))")], KNN),
     ("knn-linear-weights", "eval.py", [("train_labels[idx], (sim / T).exp())", "train_labels[idx], sim / T)")], KNN),
