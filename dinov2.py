@@ -42,7 +42,7 @@ Equations (DINOv2 §4):
     total                   ℒ_DINO + λ_KoLeo·ℒ_koleo + λ_iBOT·ℒ_iBOT          DINOv2.forward
 
 Commands:
-    python dinov2.py                                     # default CPU run on synthetic data (~10 min)
+    python dinov2.py                                     # default CPU run on synthetic data (~8 min on 2 cores)
     python dinov2.py --arch vit_nano --output_dir runs/dinov2_nano   # then distil it into a ViT-pico:
     python dinov2.py --distill_from runs/dinov2_nano/checkpoint.pth --output_dir runs/dinov2_distilled
     torchrun --nproc_per_node=8 dinov2.py --preset imagenet --data_path /path/to/imagenet
@@ -58,9 +58,9 @@ import data as data_lib
 import dino
 import eval as eval_lib
 import train as train_lib
-from train import flag
+from train import flag, need
 from kernels import distributed as dist
-from vit import ARCHS, build_vit
+from vit import build_vit
 
 
 @dataclass
@@ -81,6 +81,15 @@ class MaskedViTFlags:
     patch_embed_lr_mult: float = flag(0.2, "extra lr factor of the patch embedding")
     efficient_drop_path: bool = flag(True, "stochastic depth above 0.1 runs the blocks on the kept samples only "
                                            "(official DINOv2 Block; false: compute all, zero the dropped)")
+
+    def check_masked_vit(self):
+        """The checks of these flags (DINOv2Config.check and SimDINOv2Config.check call it)."""
+        lo, hi = self.mask_ratio_min_max
+        need(0 <= lo <= hi <= 1, f"--mask_ratio_min_max must satisfy 0 <= min <= max <= 1, got {lo} {hi}")
+        need(0 <= self.mask_sample_probability <= 1,
+             f"--mask_sample_probability must be in [0, 1], got {self.mask_sample_probability}")
+        need(0 < self.layerwise_decay <= 1, f"--layerwise_decay must be in (0, 1], got {self.layerwise_decay}")
+        self.check_nonnegative("patch_embed_lr_mult", "ibot_loss_weight", "num_register_tokens", "layerscale")
 
 
 @dataclass
@@ -103,17 +112,22 @@ class DINOv2Config(dino.DINOConfig, MaskedViTFlags):
     distill_from: str = flag("", "§5 distillation: a dinov2.py checkpoint whose (larger) teacher, frozen, teaches "
                                  "this student; no masking, no stochastic depth, iBOT on every patch")
 
+    def check(self):
+        super().check()
+        self.check_masked_vit()
+        self.check_nonnegative("koleo_loss_weight")
+        need(self.koleo_loss_weight == 0 or self.batch_size_per_gpu >= 2,
+             "KoLeo needs at least 2 images per process (--batch_size_per_gpu >= 2, or --koleo_loss_weight 0)")
+
 
 PRESETS = {
     "official": {},
-    # The CPU run on the synthetic data, on DINO's synthetic recipe (see dino.py); the τ_t warm-up
-    # is scaled with the run (30 of 100 epochs official: 3 of 10). No LayerScale: with γ = 1e-5 the
-    # 4-block ViT-pico starts as an identity map whose CLS ignores the image, the DINO term falls to
-    # the uniform teacher (loss ln K) before the blocks wake up and never leaves it, and k-NN drops
-    # from 52.8 % (epoch 3) to 45.6 % (epoch 9); without it the DINO term stays alive and k-NN climbs
-    # to 54.5 % (README, "Measured").
-    "synthetic": dict(dino.PRESETS["synthetic"], output_dir="runs/dinov2", warmup_teacher_temp_epochs=3,
-                      lr=0.004, layerscale=0.0),
+    # The default CPU run (train.SYNTHETIC, the same for the four methods) with DINO's K; the τ_t
+    # warm-up scaled with the run (30 of 100 epochs official: 3 of 10). No LayerScale: with γ = 1e-5
+    # the 4-block ViT-pico starts as an identity map whose CLS ignores the image, the DINO term falls
+    # to the uniform teacher (loss ln K) before the blocks wake up and never leaves it, and k-NN
+    # falls in the second half of the run (docs/RESULTS.md).
+    "synthetic": dict(train_lib.SYNTHETIC, out_dim=1024, warmup_teacher_temp_epochs=3, lr=0.004, layerscale=0.0),
     # ssl_default_config.yaml: ViT-L/16, ImageNet-1k, batch 64 per GPU, 100 epochs, in bf16.
     "imagenet": dict(data="imagefolder", precision="bf16", output_dir="runs/dinov2_imagenet"),
 }
@@ -147,22 +161,23 @@ def sinkhorn_knopp(logits, teacher_temp, n_iterations=3):
     """DINOv2 §4, "Sinkhorn-Knopp centering" (SwAV, Caron et al. 2020; 3 iterations): teacher
     targets Q = exp(logits/τ_t) normalised so that
     each of the K prototypes gets 1/K of the mass of the global batch and each sample sums to 1.
-    logits (n, K) on this rank; sums are all-reduced, so the marginals hold over all ranks. fp32."""
-    Q = torch.exp(logits.float() / teacher_temp).T                  # (K, n)
+    logits (b, K), the b samples of this rank; sums are all-reduced, so the marginals hold over all
+    ranks (b summed over ranks is the global count). fp32."""
+    Q = torch.exp(logits.float() / teacher_temp).T                  # (K, b)
     K = Q.shape[0]
-    B = dist.all_reduce_sum(torch.tensor(float(Q.shape[1]), device=Q.device))  # samples, all ranks
+    total = dist.all_reduce_sum(torch.tensor(float(Q.shape[1]), device=Q.device))  # samples, all ranks
     Q /= dist.all_reduce_sum(Q.sum())
     for _ in range(n_iterations):
         Q /= dist.all_reduce_sum(Q.sum(dim=1, keepdim=True))        # rows: mass 1/K per prototype
         Q /= K
-        Q /= Q.sum(dim=0, keepdim=True)                              # columns: 1/B per sample
-        Q /= B
-    return (Q * B).T                                                 # (n, K), rows sum to 1
+        Q /= Q.sum(dim=0, keepdim=True)                              # columns: 1/total per sample
+        Q /= total
+    return (Q * total).T                                                 # (b, K), rows sum to 1
 
 
 @torch.no_grad()
 def mean_over_ranks(x):
-    """The mean of x (n, K) over rows on this rank, then averaged over ranks (official iBOT centre)."""
+    """The mean of x (b, K) over the rows of this rank, then averaged over ranks (official iBOT centre)."""
     return dist.all_reduce_sum(x.float().mean(dim=0, keepdim=True)) / dist.world_size()
 
 
@@ -177,7 +192,7 @@ class DINOv2Net(nn.Module):
         self.backbone, self.head, self.ibot_head = backbone, head, ibot_head
 
     def heads(self, cls, patches):
-        """(cls (n, D), patches (M, D)) -> logits: one head call when the head is shared."""
+        """(cls (V·B, D), patches (M, D)) -> logits: one head call when the head is shared."""
         if self.ibot_head is not None:
             return self.head(cls), self.ibot_head(patches)
         out = self.head(torch.cat([cls, patches]))
@@ -206,31 +221,24 @@ def param_groups(student, layerwise_decay, patch_embed_lr_mult):
     final norm and the heads; ×patch_embed_lr_mult on the patch embedding; no weight decay on
     biases, norms and LayerScale gammas; the prototypes tagged for the first-epoch freeze."""
     L = len(student.backbone.blocks)
-    groups = {}
-    for name, p in student.named_parameters():
-        if not p.requires_grad:
-            continue
+
+    def lr_mult(name):
         layer = L + 1
         if name.startswith("backbone."):
             if any(t in name for t in ("pos_embed", "patch_embed", "mask_token", "cls_token", "register_tokens")):
                 layer = 0
             elif ".blocks." in name:
                 layer = int(name.split(".blocks.")[1].split(".")[0]) + 1
-        lr_mult = layerwise_decay ** (L + 1 - layer) * (patch_embed_lr_mult if "patch_embed" in name else 1.0)
-        decay = not (name.endswith(".bias") or "norm" in name or "gamma" in name)
-        last = "last_layer" in name
-        g = groups.setdefault((lr_mult, decay, last), {"params": [], "lr_mult": lr_mult,
-                                                      "wd_mult": 1.0 if decay else 0.0, "is_last_layer": last})
-        g["params"].append(p)
-    return list(groups.values())
+        return layerwise_decay ** (L + 1 - layer) * (patch_embed_lr_mult if "patch_embed" in name else 1.0)
+    return dino.param_groups(student, lr_mult, no_decay=lambda name, p: "norm" in name or "gamma" in name)
 
 
 # ----------------------------------------------------------------------------------------------
 # The method
 
 def student_and_teacher(cfg, make_head, mask_token=True):
-    """DINOv2Net student and teacher on the DINOv2 backbone (mask token, LayerScale, registers,
-    SwiGLU, uniform drop path); the teacher a frozen copy, without stochastic depth."""
+    """DINOv2Net student and teacher (dino.student_and_teacher) on the DINOv2 backbone: mask
+    token, LayerScale, registers, SwiGLU, uniform drop path."""
     def net(drop_path_rate):
         backbone = build_vit(cfg.arch, cfg.patch_size, img_size=cfg.global_crops_size,
                              drop_path_rate=drop_path_rate, drop_path_uniform=cfg.drop_path_uniform,
@@ -239,15 +247,7 @@ def student_and_teacher(cfg, make_head, mask_token=True):
                              interpolate_offset=cfg.interpolate_offset, efficient_drop_path=cfg.efficient_drop_path,
                              interpolate_antialias=cfg.interpolate_antialias)
         return DINOv2Net(backbone, make_head(), make_head() if cfg.ibot_separate_head else None)
-    student, teacher = net(cfg.drop_path_rate), net(0.0)
-    teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)
-    return student, teacher
-
-
-def dino_head(cfg):
-    return dino.DINOHead(ARCHS[cfg.arch][0], cfg.out_dim, cfg.head_hidden_dim, cfg.head_bottleneck_dim,
-                         cfg.norm_last_layer, cfg.use_bn_in_head)
+    return dino.student_and_teacher(net, cfg.drop_path_rate)
 
 
 def pretrained_teacher(cfg):
@@ -268,7 +268,7 @@ def pretrained_teacher(cfg):
         if getattr(tcfg, name) != getattr(cfg, name):
             raise train_lib.ConfigError(f"--distill_from {path}: its teacher has {name} {getattr(tcfg, name)}; "
                                         f"the student needs the same (--{name} {getattr(tcfg, name)})")
-    _, teacher = student_and_teacher(dataclasses.replace(tcfg, distill_from=""), lambda: dino_head(tcfg))
+    _, teacher = student_and_teacher(tcfg, lambda: dino.dino_head(tcfg))
     teacher.load_state_dict(ckpt["teacher"])
     dist.print0(f"distilling from {path}: frozen teacher {tcfg.arch}/{tcfg.patch_size} "
                 f"({sum(p.numel() for p in teacher.parameters()) / 1e6:.2f}M parameters)")
@@ -290,25 +290,14 @@ def ibot_weights(masks):
 
 
 class DINOv2(nn.Module):
+    use_mask_token = True
+
     def __init__(self, cfg, steps_per_epoch=1):
         super().__init__()
         self.cfg, self.steps_per_epoch = cfg, steps_per_epoch
-        if cfg.distill_from:  # §5: "remove the masking and stochastic depth"
-            cfg = dataclasses.replace(cfg, drop_path_rate=0.0)
-        self.student, self.teacher = student_and_teacher(cfg, lambda: dino_head(cfg),
-                                                         mask_token=not cfg.distill_from)
+        self.student, self.teacher = student_and_teacher(cfg, lambda: dino.dino_head(cfg), self.use_mask_token)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))        # C
         self.register_buffer("center_patch", torch.zeros(1, cfg.out_dim))  # C_p
-        self.frozen = None
-        if cfg.distill_from:
-            # §5: a larger pretrained model is the frozen teacher; self.teacher stays the EMA of
-            # the student ("a spare EMA ... that we use as our final model": what is evaluated and
-            # saved). The frozen model is kept out of the module tree, so out of the checkpoints
-            # (re-read from --distill_from on resume); its centres start from its own run's.
-            frozen, center, center_patch = pretrained_teacher(cfg)
-            object.__setattr__(self, "frozen", frozen)
-            self.center.copy_(center)
-            self.center_patch.copy_(center_patch)
 
     def teacher_temp(self, step):
         """τ_t: linear per step from warmup_teacher_temp over the warm-up epochs, then constant
@@ -317,23 +306,26 @@ class DINOv2(nn.Module):
         return train_lib.cosine_schedule(step, cfg.teacher_temp, cfg.teacher_temp, cfg.epochs * self.steps_per_epoch,
                                          cfg.warmup_teacher_temp_epochs * self.steps_per_epoch, cfg.warmup_teacher_temp)
 
+    def masks_and_weights(self, crops):
+        """iBOT's block masks M (2B, N) of the global crops and the weights w_i of the masked patches."""
+        return masks_and_weights(self.cfg, crops)
+
+    def target_net(self):
+        """The network whose outputs are the targets: the EMA teacher."""
+        return self.teacher
+
     def forward(self, crops, step):
         cfg = self.cfg
         B = crops[0].shape[0]
         global_crops = torch.cat(crops[:2])
         local_crops = torch.cat(crops[2:]) if len(crops) > 2 else None
-        masks, weights = masks_and_weights(cfg, crops)                    # M (2B, N), w_i
-        teacher = self.teacher
-        if self.frozen is not None:  # §5 distillation: no masking, the iBOT loss on every patch
-            masks = torch.ones_like(masks)
-            weights = ibot_weights(masks)
-            teacher = self.frozen.to(global_crops.device)
+        masks, weights = self.masks_and_weights(crops)                    # M (2B, N), w_i
         tau_t = self.teacher_temp(step)
 
-        t_cls, t_patch = teacher.teacher_forward(global_crops, masks)
+        t_cls, t_patch = self.target_net().teacher_forward(global_crops, masks)
         if cfg.centering == "centering":
-            p_cls = ((t_cls.float() - self.center) / tau_t).softmax(dim=-1)
-            p_patch = ((t_patch.float() - self.center_patch) / tau_t).softmax(dim=-1)
+            p_cls = dino.centred_softmax(t_cls, self.center, tau_t)           # P_t = softmax((g_θt − C)/τ_t)
+            p_patch = dino.centred_softmax(t_patch, self.center_patch, tau_t)
             self.center.copy_(dino.update_center(self.center, t_cls, cfg.center_momentum))
             if len(t_patch):
                 m = cfg.center_momentum
@@ -354,5 +346,47 @@ class DINOv2(nn.Module):
         return param_groups(self.student, self.cfg.layerwise_decay, self.cfg.patch_embed_lr_mult)
 
 
+class DINOv2Distillation(DINOv2):
+    """DINOv2 §5, "Model distillation": a larger pretrained model, frozen, teaches a smaller student
+    with DINOv2's losses; "we remove the masking and stochastic depth", so the iBOT term covers
+    every patch of the global crops. self.teacher stays the EMA of the student ("a spare EMA ...
+    that we use as our final model"): it is what is evaluated and saved. The frozen model is
+    re-read from --distill_from (its centres C, C_p start from its own run's), never saved."""
+    use_mask_token = False
+
+    def __init__(self, cfg, steps_per_epoch=1):
+        super().__init__(dataclasses.replace(cfg, drop_path_rate=0.0), steps_per_epoch)
+        self.frozen, center, center_patch = pretrained_teacher(cfg)
+        self.center.copy_(center)
+        self.center_patch.copy_(center_patch)
+
+    def masks_and_weights(self, crops):
+        B, grid = crops[0].shape[0], crops[0].shape[-1] // self.cfg.patch_size
+        masks = torch.ones(2 * B, grid * grid, dtype=torch.bool, device=crops[0].device)   # every patch
+        return masks, ibot_weights(masks)
+
+    def target_net(self):
+        return self.frozen
+
+    def train(self, mode=True):  # the frozen teacher stays in eval mode
+        super().train(mode)
+        self.frozen.eval()
+        return self
+
+    def state_dict(self, *args, **kwargs):  # without the frozen teacher
+        return {k: v for k, v in super().state_dict(*args, **kwargs).items() if not k.startswith("frozen.")}
+
+    def load_state_dict(self, state, strict=True):
+        frozen = {f"frozen.{k}": v for k, v in self.frozen.state_dict().items()}
+        return super().load_state_dict({**state, **frozen}, strict)
+
+
+def make_method(cfg, steps_per_epoch=1):
+    """DINOv2 (§4), or its distillation (§5) with --distill_from."""
+    return (DINOv2Distillation if cfg.distill_from else DINOv2)(cfg, steps_per_epoch)
+
+
+RECIPE = train_lib.Recipe("dinov2", DINOv2Config, make_method, PRESETS)
+
 if __name__ == "__main__":
-    train_lib.main(DINOv2Config, DINOv2, PRESETS, description=__doc__.split("\n")[0])
+    train_lib.main(RECIPE, description=__doc__.split("\n")[0])

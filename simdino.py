@@ -37,7 +37,7 @@ Terms of the SimDINO loss:
     loss        −coeff·alignment − γ·R_ε                                              SimDINO.forward
 
 Commands:
-    python simdino.py                                    # default CPU run on synthetic data (~10 min)
+    python simdino.py                                    # default CPU run on synthetic data (~7 min on 2 cores)
     torchrun --nproc_per_node=8 simdino.py --preset imagenet --data imagefolder \\
         --data_path /path/to/imagenet --output_dir runs/simdino_vitb16   # the official ViT-B/16 command
 """
@@ -67,20 +67,19 @@ class SimDINOConfig(train_lib.TrainConfig):
                               "0: of each rank's batch (official default)", (0, 1))
     output_dir: str = flag("runs/simdino", "checkpoint.pth, config.json, log.jsonl go here; resumed if present")
 
-
-def _without(preset, *keys):
-    return {k: v for k, v in preset.items() if k not in keys}
+    def check(self):
+        super().check()
+        train_lib.need(self.eps > 0, f"--eps must be positive, got {self.eps}")
 
 
 PRESETS = {
     "official": {},
-    # The default CPU run: DINO's synthetic recipe (same data, arch, crops, epochs, batch), so the
-    # two methods compare directly; DINO's prototype count has no meaning here. eps 0.05 (the
-    # official ImageNet command's value, not main_dino.py's 0.5): with d = 64 and m = 128 the
-    # default 0.5 leaves the coding rate too weak against the alignment, and the features
-    # collapse (k-NN 28 % after 4 epochs against 50 % with 0.05, measured).
-    "synthetic": dict(_without(dino.PRESETS["synthetic"], "out_dim"), eps=0.05, output_dir="runs/simdino"),
-    # The official ViT-B/16 command of the README (8 GPUs x 64): 10 local crops, eps 0.05, coeff 1;
+    # The default CPU run (train.SYNTHETIC, the same for the four methods). eps 0.05 (the official
+    # ImageNet command's value, not main_dino.py's 0.5): with d = 64 and a batch of 128 the default
+    # 0.5 leaves the coding rate too weak against the alignment, and the features collapse
+    # (docs/RESULTS.md).
+    "synthetic": dict(train_lib.SYNTHETIC, eps=0.05),
+    # The official ViT-B/16 command of the official README (8 GPUs x 64): 10 local crops, eps 0.05, coeff 1;
     # bf16 instead of the official fp16.
     "imagenet": dict(data="imagefolder", arch="vit_base", patch_size=16, local_crops_number=10,
                      eps=0.05, coeff=1.0, precision="bf16", output_dir="runs/simdino_imagenet"),
@@ -138,7 +137,8 @@ class SimDINO(nn.Module):
         super().__init__()
         self.cfg, self.steps_per_epoch = cfg, steps_per_epoch
         head = lambda: SimDINOHead(ARCHS[cfg.arch][0], cfg.head_hidden_dim, cfg.head_bottleneck_dim)
-        self.student, self.teacher = dino.student_and_teacher(cfg, head)
+        self.student, self.teacher = dino.student_and_teacher(
+            lambda dpr: dino.MultiCropNet(dino.backbone(cfg, dpr), head()), cfg.drop_path_rate)
 
     def forward(self, crops, step):
         cfg = self.cfg
@@ -154,5 +154,7 @@ class SimDINO(nn.Module):
         return dino.param_groups(self.student)
 
 
+RECIPE = train_lib.Recipe("simdino", SimDINOConfig, SimDINO, PRESETS)
+
 if __name__ == "__main__":
-    train_lib.main(SimDINOConfig, SimDINO, PRESETS, description=__doc__.split("\n")[0])
+    train_lib.main(RECIPE, description=__doc__.split("\n")[0])

@@ -1,17 +1,22 @@
 """The training loop shared by the four methods: everything that is not in the papers.
 
-`train(cfg, Method)` sets up torchrun / the device, checks the configuration and the data before
-any work, builds the data, the method, AdamW and the precision path, resumes from
-`output_dir/checkpoint.pth` when one is there, and runs: schedules (pure functions of the global
-step), multi-crop augmentation, one step of the method's algorithm, gradient clipping, the last
-layer's freeze, the EMA teacher, `log.jsonl`, k-NN evaluation and atomic checkpoints. It never
-asks which method it runs (the method contract, DESIGN.md):
+`train(cfg, Method)` checks the configuration before any work, sets up torchrun / the device,
+builds the data, the method, AdamW and the precision path, resumes from
+`output_dir/checkpoint.pth` when one is there, and runs the step of the papers' Algorithm 1:
+schedules (pure functions of the global step) → multi-crop → the method's loss → backward →
+clip → last-layer freeze → AdamW → EMA teacher; then, per epoch, `log.jsonl`, k-NN, the collapse
+alarm and an atomic checkpoint. It never asks which method it runs. The method contract
+(docs/DESIGN.md):
 
     method = Method(cfg, steps_per_epoch)   # nn.Module with .student and .teacher
-    loss, logs = method(crops, step)        # one step of the paper's algorithm
+    loss, logs = method(crops, step)        # one step of the paper's algorithm; logs: floats
     method.param_groups()                   # dicts with params, lr_mult, wd_mult, is_last_layer
+    method.below_random_vit                 # optional: what the summary says when k-NN ends
+                                            # below the random ViT
 
-`config_cli` turns a method's dataclass into its command line (flags = fields).
+Each method file declares `RECIPE = Recipe(name, Config, Method, PRESETS)`: its flags (a
+dataclass whose `check()` names a bad flag), its method, and its named presets. `main(RECIPE)`
+is its command line.
 """
 import argparse
 import contextlib
@@ -32,16 +37,19 @@ from kernels import distributed as dist
 from vit import ARCHS
 
 
-# Collapse alarms on the teacher's CLS features (eval.feature_stats), checked every epoch. Measured
-# on the synthetic held-out images with ViT-pico/8: random init std 0.14-0.15, effective rank 38-40;
-# trained (10 epochs) DINO 0.61 / 11, SimDINO 0.95 / 51; DINO without centring (--center_momentum 1)
-# falls to std 0.05 after 60 steps and 0.03 after 150 (its rank stays ~40: full collapse shrinks
-# the spread, dimensional collapse lowers the rank).
+# Collapse alarms on the teacher's CLS features (eval.feature_stats), checked every epoch: a random
+# ViT starts far above both, a collapsed run falls below (measurements: docs/RESULTS.md, "Collapse").
 COLLAPSE_STD, COLLAPSE_RANK = 0.05, 2.0
 
 
 class ConfigError(Exception):
     """A bad flag: reported to the user as one line, before any work."""
+
+
+def need(ok, message):
+    """Raise ConfigError(message) unless ok: the config checks read as a list of requirements."""
+    if not ok:
+        raise ConfigError(message)
 
 
 def flag(default, help="", choices=None):
@@ -107,6 +115,76 @@ class TrainConfig:
     skip_bad_images: bool = flag(False, "replace an unreadable image by the next readable one, with a "
                                         "warning, instead of stopping (image folders)")
 
+    def check(self):
+        """Every shared flag that can be checked before any work; raises ConfigError naming it. A
+        method's config extends this with its own flags."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            for x in (v if isinstance(v, tuple) else (v,)):
+                need(not isinstance(x, float) or math.isfinite(x), f"--{f.name} must be a finite number, got {v}")
+        need(self.arch in ARCHS, f"unknown --arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        need(self.data in data_lib.DATASETS,
+             f"unknown --data {self.data!r}; choose one of {', '.join(data_lib.DATASETS)}")
+        for name in ("batch_size_per_gpu", "epochs", "patch_size", "global_crops_size", "local_crops_size"):
+            need(getattr(self, name) > 0, f"--{name} must be positive, got {getattr(self, name)}")
+        for name in ("global_crops_size", "local_crops_size"):
+            need(getattr(self, name) % self.patch_size == 0,
+                 f"--{name} {getattr(self, name)} is not divisible by --patch_size {self.patch_size}")
+        if self.high_res_epochs:
+            need(0 < self.high_res_epochs <= self.epochs,
+                 f"--high_res_epochs must be in [0, --epochs {self.epochs}], got {self.high_res_epochs}")
+            need(self.high_res_size > 0 and self.high_res_size % self.patch_size == 0,
+                 f"--high_res_size {self.high_res_size} must be a positive multiple of --patch_size {self.patch_size}")
+        need(self.local_crops_number >= 0, f"--local_crops_number must be >= 0, got {self.local_crops_number}")
+        for name in ("global_crops_scale", "local_crops_scale"):
+            lo, hi = getattr(self, name)
+            need(0 < lo <= hi <= 1, f"--{name} must satisfy 0 < min <= max <= 1, got {lo} {hi}")
+        self.check_nonnegative("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "warmup_epochs",
+                               "eval_every", "saveckp_freq", "num_workers", "max_steps", "freeze_last_layer",
+                               "checkpoint_minutes")
+        need(0 <= self.momentum_teacher <= 1, f"--momentum_teacher must be in [0, 1], got {self.momentum_teacher}")
+        need(0 <= self.drop_path_rate < 1, f"--drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        need(self.precision in ("fp32", "bf16", "fp16"),
+             f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
+        need(self.device in ("auto", "cpu", "cuda", "mps"),
+             f"--device must be auto, cpu, cuda or mps, got {self.device!r}")
+        need(self.output_dir != "", "--output_dir must not be empty")
+        if self.data == "imagefolder":
+            need(self.data_path != "", "--data imagefolder needs --data_path ROOT")
+        if self.data == "list":
+            need(os.path.isfile(self.data_path),
+                 f"--data list needs --data_path FILE, a list of images; got {self.data_path!r}")
+        elif self.data_path:
+            need(os.path.isdir(self.data_path), f"--data_path {self.data_path!r} does not exist or is not a directory")
+
+    def check_nonnegative(self, *names):
+        for name in names:
+            need(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
+
+
+# The default run of every method: a CPU run on the embedded synthetic data that learns in about
+# 7-10 minutes on 2 cores, the same recipe for the four methods so that they compare directly (each
+# method's "synthetic" preset adds its own few values). Every change from the official values is
+# forced by that budget.
+SYNTHETIC = dict(
+    data="synthetic", arch="vit_pico", patch_size=8,     # 32x32 images: 16 patches + CLS
+    global_crops_size=32, local_crops_size=16,           # the 224/96 ratio on 32-pixel images
+    local_crops_number=4,                                # fewer crops: more steps in the budget
+    head_hidden_dim=256, head_bottleneck_dim=64,         # 10 classes, a 96-wide ViT
+    epochs=10, warmup_epochs=1, batch_size_per_gpu=128,  # 10 % warm-up, as 10 of 100 official
+    eval_every=2,                                        # k-NN costs ~10 s a time on 2 cores
+    lr=0.002,                                            # higher lr for a small model and short run
+    drop_path_rate=0.0, num_workers=0, saveckp_freq=0)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a method file declares, for its command line, tools/compare.py and benchmarks/."""
+    name: str        # "dino": the file, runs/<name>
+    Config: type     # the flags: a TrainConfig subclass
+    Method: object   # Method(cfg, steps_per_epoch) -> the method (a class, or a function choosing one)
+    presets: dict    # name -> {field: value}, applied before the explicit flags; "synthetic" by default
+
 
 # ----------------------------------------------------------------------------------------------
 # Schedules: pure functions of the global step (official `cosine_scheduler`, one value at a time).
@@ -152,18 +230,27 @@ def ema_update(student, teacher, momentum):
 
 def clip_gradients(params, clip):
     """Official DINO clipping: each parameter's gradient norm is clipped to `clip` on its own
-    (not one global norm). Returns the norms before clipping."""
+    (not one global norm); clip 0 only measures. Returns the norms before clipping."""
     grads = [p.grad for p in params if p.grad is not None]
     norms = torch._foreach_norm(grads)
-    torch._foreach_mul_(grads, [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms])
+    if clip:
+        torch._foreach_mul_(grads, [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms])
     return norms
 
 
+def drop_last_layer_gradients(groups):
+    """DINO's last-layer freeze (official cancel_gradients_last_layer): the prototypes get no
+    update in the first --freeze_last_layer epochs."""
+    for g in groups:
+        if g["is_last_layer"]:
+            for p in g["params"]:
+                p.grad = None
+
+
 def adamw(groups, device):
-    """AdamW, with its fused kernel (one pass over all parameters) on GPU. On CPU the fused kernel
-    is 4-5x faster too (36 vs 178 ms for ViT-tiny/4 with DINO's 65,536 prototypes, 2 threads) but
-    only 2-3 % of a step, and its rounding would change every deterministic number in the README:
-    left for the next full re-measurement."""
+    """AdamW, with its fused kernel (one pass over all parameters) on GPU. Not on CPU, though it
+    is faster there too: its rounding differs, and would change every deterministic number in
+    docs/RESULTS.md (left for the next full re-measurement)."""
     return torch.optim.AdamW(groups, lr=0.0, weight_decay=0.0, fused=device.type == "cuda")
 
 
@@ -178,13 +265,52 @@ def speed_up(method, cfg):
 
 
 def autocast(device, precision):
+    """The precision path: autocast in bf16 or fp16, nothing in fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
+def seed_step(seed, step):
+    """Every random draw of a step (crops, masks, stochastic depth) is a function of (seed, step,
+    rank): a run resumed at any step repeats the uninterrupted one exactly. Seeds torch's global
+    RNG and returns the generator of the augmentation."""
+    step_seed = (seed * 1000003 + step) * 1009 + dist.rank()
+    torch.manual_seed(step_seed)
+    return torch.Generator().manual_seed(step_seed)
+
+
+def check_loss(loss, logs, step, ckpt_path):
+    """Stop at the first non-finite loss, naming the step and the bad terms; nothing is saved."""
+    if not torch.isfinite(loss):
+        bad = [k for k, v in logs.items() if not math.isfinite(v)] or ["loss"]
+        terms = ", ".join(f"{k} = {logs.get(k, loss.item())}" for k in bad)
+        raise FloatingPointError(f"step {step}: non-finite loss ({terms}); stopping, the last good "
+                                 f"checkpoint is kept in {ckpt_path}")
+
+
+def check_gradients(params, norms, names, loss, step, ckpt_path):
+    """Stop at the first non-finite gradient (fp32 and bf16), naming the parameter. (In fp16 the
+    grad scaler skips an overflowing step and lowers its scale: not an error, not called.)"""
+    if not torch.isfinite(torch.stack(norms)).all():
+        grads = [p for p in params if p.grad is not None]
+        bad = next(names.get(id(p), "?") for p, n in zip(grads, norms) if not torch.isfinite(n))
+        raise FloatingPointError(f"step {step}: non-finite gradient in {bad} (loss {loss.item():.4f}); "
+                                 f"stopping, the last good checkpoint is kept in {ckpt_path}")
+
+
+@contextlib.contextmanager
+def stop_on_bad_features(step, ckpt_path):
+    """The coding rate refuses NaN / inf features with a ValueError: the same stop as check_loss."""
+    try:
+        yield
+    except ValueError as e:
+        raise FloatingPointError(f"step {step}: {e}; stopping, the last good checkpoint is kept "
+                                 f"in {ckpt_path}") from None
+
+
 # ----------------------------------------------------------------------------------------------
-# Configuration: dataclass <-> command line, checks.
+# Configuration: dataclass <-> command line.
 
 def _parse_bool(s):
     if s.lower() in ("1", "true", "yes", "on"):
@@ -227,64 +353,6 @@ def config_cli(Config, presets, argv=None, description=""):
         values["precision"] = "fp16" if use_fp16 else "fp32"
     values.update({k: tuple(v) if isinstance(v, list) else v for k, v in args.items()})
     return Config(**values)
-
-
-def check_config(cfg):
-    """Every flag that can be checked before any work; raises ConfigError naming it."""
-    def need(ok, msg):
-        if not ok:
-            raise ConfigError(msg)
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        for x in (v if isinstance(v, tuple) else (v,)):
-            need(not isinstance(x, float) or math.isfinite(x), f"--{f.name} must be a finite number, got {v}")
-    need(cfg.arch in ARCHS, f"unknown --arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
-    need(cfg.data in data_lib.DATASETS, f"unknown --data {cfg.data!r}; choose one of {', '.join(data_lib.DATASETS)}")
-    for name in ("batch_size_per_gpu", "epochs", "patch_size", "global_crops_size", "local_crops_size", "out_dim",
-                 "eps"):
-        if hasattr(cfg, name):
-            need(getattr(cfg, name) > 0, f"--{name} must be positive, got {getattr(cfg, name)}")
-    for name in ("global_crops_size", "local_crops_size"):
-        need(getattr(cfg, name) % cfg.patch_size == 0,
-             f"--{name} {getattr(cfg, name)} is not divisible by --patch_size {cfg.patch_size}")
-    if cfg.high_res_epochs:
-        need(0 < cfg.high_res_epochs <= cfg.epochs,
-             f"--high_res_epochs must be in [0, --epochs {cfg.epochs}], got {cfg.high_res_epochs}")
-        need(cfg.high_res_size > 0 and cfg.high_res_size % cfg.patch_size == 0,
-             f"--high_res_size {cfg.high_res_size} must be a positive multiple of --patch_size {cfg.patch_size}")
-    need(cfg.local_crops_number >= 0, f"--local_crops_number must be >= 0, got {cfg.local_crops_number}")
-    for name in ("global_crops_scale", "local_crops_scale"):
-        lo, hi = getattr(cfg, name)
-        need(0 < lo <= hi <= 1, f"--{name} must satisfy 0 < min <= max <= 1, got {lo} {hi}")
-    for name in ("lr", "min_lr", "weight_decay", "weight_decay_end", "clip_grad", "warmup_epochs",
-                 "eval_every", "saveckp_freq", "num_workers", "max_steps", "freeze_last_layer",
-                 "checkpoint_minutes"):
-        if hasattr(cfg, name):
-            need(getattr(cfg, name) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    if hasattr(cfg, "mask_ratio_min_max"):  # DINOv2 / SimDINOv2
-        lo, hi = cfg.mask_ratio_min_max
-        need(0 <= lo <= hi <= 1, f"--mask_ratio_min_max must satisfy 0 <= min <= max <= 1, got {lo} {hi}")
-        need(0 <= cfg.mask_sample_probability <= 1,
-             f"--mask_sample_probability must be in [0, 1], got {cfg.mask_sample_probability}")
-        need(0 < cfg.layerwise_decay <= 1, f"--layerwise_decay must be in (0, 1], got {cfg.layerwise_decay}")
-        for name in ("patch_embed_lr_mult", "koleo_loss_weight", "ibot_loss_weight", "num_register_tokens", "layerscale"):
-            need(getattr(cfg, name, 0) >= 0, f"--{name} must be >= 0, got {getattr(cfg, name, 0)}")
-        need(getattr(cfg, "koleo_loss_weight", 0) == 0 or cfg.batch_size_per_gpu >= 2,
-             "KoLeo needs at least 2 images per process (--batch_size_per_gpu >= 2, or --koleo_loss_weight 0)")
-    if hasattr(cfg, "center_momentum"):
-        need(0 <= cfg.center_momentum <= 1, f"--center_momentum must be in [0, 1], got {cfg.center_momentum}")
-    need(0 <= cfg.momentum_teacher <= 1, f"--momentum_teacher must be in [0, 1], got {cfg.momentum_teacher}")
-    need(0 <= cfg.drop_path_rate < 1, f"--drop_path_rate must be in [0, 1), got {cfg.drop_path_rate}")
-    need(cfg.precision in ("fp32", "bf16", "fp16"), f"--precision must be fp32, bf16 or fp16, got {cfg.precision!r}")
-    need(cfg.device in ("auto", "cpu", "cuda", "mps"), f"--device must be auto, cpu, cuda or mps, got {cfg.device!r}")
-    need(cfg.output_dir != "", "--output_dir must not be empty")
-    if cfg.data == "imagefolder":
-        need(cfg.data_path != "", "--data imagefolder needs --data_path ROOT")
-    if cfg.data == "list":
-        need(os.path.isfile(cfg.data_path),
-             f"--data list needs --data_path FILE, a list of images; got {cfg.data_path!r}")
-    elif cfg.data_path:
-        need(os.path.isdir(cfg.data_path), f"--data_path {cfg.data_path!r} does not exist or is not a directory")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -355,10 +423,10 @@ def _comparable(cfg_dict):
 
 
 # ----------------------------------------------------------------------------------------------
-# The loop.
+# Starting, resuming, the output folder.
 
-def train(cfg, Method):
-    check_config(cfg)
+def start(cfg):
+    """The process group (under torchrun) and this rank's device; seeds; CPU threads per process."""
     try:
         device = dist.setup(cfg.device)
     except RuntimeError as e:  # e.g. --device cuda without a GPU
@@ -366,76 +434,173 @@ def train(cfg, Method):
     dist.seed_everything(cfg.seed)
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and dist.world_size() > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size()))
-    out = Path(cfg.output_dir)
-    ckpt_path = out / "checkpoint.pth"
-    cfg_dict = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    resume = load_checkpoint(ckpt_path) if ckpt_path.exists() else None
-    if resume is not None:  # flags added since the checkpoint was written ran at their defaults
-        defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(cfg)}))
-        resume["config"] = {**defaults, **resume["config"]}
-    if resume is not None and _comparable(resume["config"]) != _comparable(cfg_dict):
-        diff = sorted(k for k in _comparable(cfg_dict) if resume["config"].get(k) != cfg_dict.get(k))
-        if not cfg.overwrite:
-            raise ConfigError(f"{out} holds a run with a different config ({', '.join(diff)}); use another "
-                              f"--output_dir, or --overwrite true to replace it")
-        resume = None  # replaced below, once the data and the model are built
+    return device
 
-    train_set, eval_set = data_lib.load_dataset(cfg.data, cfg.data_path, eval_size=cfg.global_crops_size)
 
-    def augmentation(epoch):
-        """The multi-crop of an epoch: --high_res_size global crops in the last --high_res_epochs
-        (the position embeddings interpolate to the larger grid), --global_crops_size before."""
-        high = cfg.high_res_epochs and epoch >= cfg.epochs - cfg.high_res_epochs
-        augment = data_lib.MultiCrop(cfg.high_res_size if high else cfg.global_crops_size, cfg.local_crops_size,
-                                     cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number)
-        if isinstance(train_set, data_lib.FolderImages):  # crops are cut in the workers
-            train_set.crops = augment.crop_plan()
-        return augment
+def resumable_checkpoint(cfg, ckpt_path):
+    """The checkpoint to resume from, or None for a fresh start. A checkpoint of a run with another
+    config is an error (unless --overwrite); flags added since it was written count as their defaults."""
+    if not ckpt_path.exists():
+        return None
+    resume = load_checkpoint(ckpt_path)
+    defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(cfg)}))
+    resume["config"] = {**defaults, **resume["config"]}
+    ours = _comparable(json.loads(json.dumps(dataclasses.asdict(cfg))))
+    if _comparable(resume["config"]) == ours:
+        return resume
+    if not cfg.overwrite:
+        diff = sorted(k for k in ours if resume["config"].get(k) != ours[k])
+        raise ConfigError(f"{ckpt_path.parent} holds a run with a different config ({', '.join(diff)}); use "
+                          f"another --output_dir, or --overwrite true to replace it")
+    return None  # replaced once the data and the model are built
 
+
+def restore(resume, method, optimizer, scaler):
+    """Load a checkpoint into the method, AdamW and the grad scaler; returns (step, epoch sums,
+    count) to go on from ((0, {}, 0) for a fresh run)."""
+    if resume is None:
+        return 0, {}, 0
+    method.load_state_dict(join_state(resume))
+    optimizer.load_state_dict(resume["optimizer"])
+    scaler.load_state_dict(resume["scaler"])
+    return resume["step"], resume.get("epoch_sums", {}), resume.get("epoch_count", 0)
+
+
+def prepare_output(cfg, out, resumed_step):
+    """Rank 0: the output folder and config.json; a fresh run (or --overwrite) removes an older
+    run's log and checkpoint, a resumed one drops the log lines written after its checkpoint."""
+    if not dist.is_main():
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    if resumed_step is None:
+        for name in ("log.jsonl", "checkpoint.pth"):
+            (out / name).unlink(missing_ok=True)
+    elif (out / "log.jsonl").exists():
+        _truncate_log(out / "log.jsonl", resumed_step)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+
+def make_loader(cfg, train_set, eval_set, device):
+    """The sharded training loader; an error when the data cannot fill one global batch."""
     if isinstance(train_set, data_lib.FolderImages):
         train_set.skip_bad = eval_set.skip_bad = cfg.skip_bad_images
     loader = data_lib.Loader(train_set, cfg.batch_size_per_gpu, cfg.seed, dist.rank(), dist.world_size(),
                              cfg.num_workers, pin_memory=device.type == "cuda")
-    if len(loader) == 0:
-        raise ConfigError(f"the training set has {len(train_set)} images, fewer than one global batch "
+    need(len(loader) > 0, f"the training set has {len(train_set)} images, fewer than one global batch "
                           f"of {cfg.batch_size_per_gpu * dist.world_size()}")
+    return loader
+
+
+def augmentation(cfg, train_set, epoch):
+    """The multi-crop of an epoch: --high_res_size global crops in the last --high_res_epochs (the
+    position embeddings interpolate to the larger grid), --global_crops_size before."""
+    high = cfg.high_res_epochs and epoch >= cfg.epochs - cfg.high_res_epochs
+    augment = data_lib.MultiCrop(cfg.high_res_size if high else cfg.global_crops_size, cfg.local_crops_size,
+                                 cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number)
+    if isinstance(train_set, data_lib.FolderImages):  # crops are cut in the workers
+        train_set.crops = augment.crop_plan()
+    return augment
+
+
+def to_device(images, device):
+    """A batch of images (one tensor, or a list of crops cut by the workers) on the device."""
+    if torch.is_tensor(images):
+        return images.to(device, non_blocking=True)
+    return [c.to(device, non_blocking=True) for c in images]
+
+
+# ----------------------------------------------------------------------------------------------
+# The end of an epoch, and of the run.
+
+def end_of_epoch(cfg, method, train_set, eval_set, device, record, evaluate):
+    """k-NN of the teacher's backbone (when due), the collapse alarm; returns the log record."""
+    if evaluate:
+        top1, top5 = eval_lib.knn_eval(method.teacher.backbone, train_set, eval_set, cfg.global_crops_size,
+                                       device, batch_size=256, num_workers=cfg.num_workers)
+        record.update(knn_top1=top1, knn_top5=top5)
+        dist.print0(f"epoch {record['epoch']}: k-NN top-1 {top1:.2f} top-5 {top5:.2f}")
+    stats = eval_lib.collapse_check(method.teacher.backbone, eval_set, cfg.global_crops_size, device)
+    record.update(stats)
+    if stats["feat_std"] < COLLAPSE_STD or stats["feat_rank"] < COLLAPSE_RANK:
+        dist.print0(f"warning: epoch {record['epoch']}: the teacher's features look collapsed (std "
+                    f"{stats['feat_std']:.3f}, effective rank {stats['feat_rank']:.1f}; alarms below "
+                    f"{COLLAPSE_STD} / {COLLAPSE_RANK}): k-NN will be poor; see docs/RESULTS.md, 'Collapse'")
+    return record
+
+
+def cached_baselines(cfg, train_set, eval_set, device):
+    """eval.baselines (k-NN on raw pixels and on a random-init ViT of the run's architecture) of
+    this data, computed once and then read from baselines.json in data.cache_dir()."""
+    key = "|".join(str(v) for v in (cfg.data, os.path.abspath(cfg.data_path) if cfg.data_path else "",
+                                    len(train_set), len(eval_set), cfg.arch, cfg.patch_size, cfg.global_crops_size))
+    path = Path(data_lib.cache_dir()) / "baselines.json"
+    table = {}
+    if dist.is_main() and path.exists():
+        try:
+            table = json.loads(path.read_text())
+        except ValueError:  # a cut or foreign file: computed again
+            pass
+    found = dist.broadcast_object(table.get(key))  # rank 0 decides: every rank computes, or none
+    if found is not None:
+        return found
+    found = eval_lib.baselines(cfg.arch, cfg.patch_size, train_set, eval_set, cfg.global_crops_size, device,
+                               num_workers=cfg.num_workers)
+    if dist.is_main():
+        with contextlib.suppress(OSError):  # a cache that cannot be written only costs the time
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.with_suffix(".tmp").write_text(json.dumps({**table, key: found}, indent=1))
+            os.replace(path.with_suffix(".tmp"), path)
+    return found
+
+
+def summary(cfg, method, top1, train_set, eval_set, device):
+    """The run's last line: its final k-NN next to the two baselines of the same data and architecture."""
+    if top1 is None:
+        return (f"summary: no k-NN in this call (--eval_every 0, or nothing left to train); "
+                f"python eval.py knn --checkpoint {cfg.output_dir}/checkpoint.pth --baselines evaluates it")
+    base = cached_baselines(cfg, train_set, eval_set, device)
+    pixels, random_vit = base["raw_pixels"][0], base["random_vit"][0]
+    line = (f"summary: k-NN top-1 {top1:.2f} against raw pixels {pixels:.2f} and a random {cfg.arch}/"
+            f"{cfg.patch_size} {random_vit:.2f} (same data and k-NN)")
+    if top1 >= random_vit:
+        return line + f": {top1 - random_vit:+.2f} over the random ViT"
+    return line + ": below the random ViT. " + getattr(method, "below_random_vit", (
+        "Nothing was learned beyond the random features: too few steps, or a collapse "
+        "(docs/RESULTS.md, 'Collapse')"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop.
+
+def train(cfg, Method):
+    """Train Method as cfg says, in this process or as one rank of torchrun; returns the method."""
+    cfg.check()
+    device = start(cfg)
+    cfg_dict = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as lists, as config.json has them
+    out = Path(cfg.output_dir)
+    ckpt_path = out / "checkpoint.pth"
+    resume = resumable_checkpoint(cfg, ckpt_path)
+    train_set, eval_set = data_lib.load_dataset(cfg.data, cfg.data_path, eval_size=cfg.global_crops_size)
+    loader = make_loader(cfg, train_set, eval_set, device)
     steps_per_epoch = len(loader)
 
     method = Method(cfg, steps_per_epoch).to(device)
     groups = method.param_groups()
+    params = [p for g in groups for p in g["params"]]
     optimizer = adamw(groups, device)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
-    params = [p for g in groups for p in g["params"]]
-    start_step, sums, count = 0, {}, 0
-    if resume is not None:
-        method.load_state_dict(join_state(resume))
-        optimizer.load_state_dict(resume["optimizer"])
-        scaler.load_state_dict(resume["scaler"])
-        start_step, sums, count = resume["step"], resume.get("epoch_sums", {}), resume.get("epoch_count", 0)
+    step, sums, count = restore(resume, method, optimizer, scaler)
     speed_up(method, cfg)
     method.student = dist.wrap_ddp(method.student, device)
-
-    if dist.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        if resume is None:  # a fresh run (or --overwrite): no log lines of an older run
-            for name in ("log.jsonl", "checkpoint.pth"):
-                (out / name).unlink(missing_ok=True)
-        elif (out / "log.jsonl").exists():  # drop what a killed run logged after its last checkpoint
-            _truncate_log(out / "log.jsonl", start_step)
-        (out / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
-        n_params = sum(p.numel() for p in dist.unwrap(method.student).parameters())
-        dist.print0(f"{type(method).__name__}: {cfg.arch}/{cfg.patch_size}, {n_params / 1e6:.2f}M student "
-                    f"parameters, {cfg.data} ({len(train_set)} train / {len(eval_set)} held-out images), "
-                    f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, world size {dist.world_size()}, "
-                    f"device {device}, {cfg.precision}")
-        dist.print0("config: " + json.dumps(cfg_dict))
-        if resume is not None:
-            dist.print0(f"resuming from {ckpt_path} at step {start_step} (epoch {start_step // steps_per_epoch})")
-
-    total_steps = cfg.epochs * steps_per_epoch
-    last_step = min(total_steps, cfg.max_steps) if cfg.max_steps else total_steps
     names = {id(p): n for n, p in dist.unwrap(method.student).named_parameters()}
-    step, t0, seen, last_save = start_step, time.time(), 0, time.time()
+    prepare_output(cfg, out, step if resume is not None else None)
+    n_params = sum(p.numel() for p in dist.unwrap(method.student).parameters())
+    dist.print0(f"{type(method).__name__}: {cfg.arch}/{cfg.patch_size}, {n_params / 1e6:.2f}M student "
+                f"parameters, {cfg.data} ({len(train_set)} train / {len(eval_set)} held-out images), "
+                f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, world size {dist.world_size()}, "
+                f"device {device}, {cfg.precision}\nconfig: " + json.dumps(cfg_dict))
+    if resume is not None:
+        dist.print0(f"resuming from {ckpt_path} at step {step} (epoch {step // steps_per_epoch})")
 
     def save(epoch):
         if dist.is_main():
@@ -446,84 +611,55 @@ def train(cfg, Method):
             if cfg.saveckp_freq and step % steps_per_epoch == 0 and (epoch + 1) % cfg.saveckp_freq == 0:
                 save_checkpoint(out / f"checkpoint{epoch:04d}.pth", state)
 
+    last_step = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
+    t0, seen, last_save, top1 = time.time(), 0, time.time(), None
     while step < last_step:
         epoch, first = divmod(step, steps_per_epoch)
-        augment = augmentation(epoch)
+        augment = augmentation(cfg, train_set, epoch)
         method.train()
         for images, _ in loader.epoch(epoch, first):
+            # The step of the papers' Algorithm 1: schedules, crops, loss, backward, clip, freeze, AdamW, EMA.
             sched = schedules(cfg, step, steps_per_epoch)
             for g in optimizer.param_groups:
-                g["lr"] = sched["lr"] * g["lr_mult"]
-                g["weight_decay"] = sched["wd"] * g["wd_mult"]
-            # every random draw of the step (crops, stochastic depth) is a function of (seed, step,
-            # rank): a run resumed at any step repeats the uninterrupted one exactly
-            step_seed = (cfg.seed * 1000003 + step) * 1009 + dist.rank()
-            torch.manual_seed(step_seed)
-            gen = torch.Generator().manual_seed(step_seed)
-            crops = augment(images.to(device, non_blocking=True) if torch.is_tensor(images)
-                            else [c.to(device, non_blocking=True) for c in images], gen)
-            try:
-                with autocast(device, cfg.precision):
-                    loss, logs = method(crops, step)
-            except ValueError as e:  # the coding rate refuses NaN / inf features
-                raise FloatingPointError(f"step {step}: {e}; stopping, the last good checkpoint is kept "
-                                         f"in {ckpt_path}") from None
-            if not torch.isfinite(loss):
-                bad = [k for k, v in logs.items() if not math.isfinite(v)] or ["loss"]
-                raise FloatingPointError(f"step {step}: non-finite loss ({', '.join(f'{k} = {logs.get(k, loss.item())}' for k in bad)}); "
-                                         f"stopping, the last good checkpoint is kept in {ckpt_path}")
+                g["lr"], g["weight_decay"] = sched["lr"] * g["lr_mult"], sched["wd"] * g["wd_mult"]
+            crops = augment(to_device(images, device), seed_step(cfg.seed, step))
+            with autocast(device, cfg.precision), stop_on_bad_features(step, ckpt_path):
+                loss, logs = method(crops, step)
+            check_loss(loss, logs, step, ckpt_path)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            grads = [p for p in params if p.grad is not None]
-            norms = clip_gradients(grads, cfg.clip_grad) if cfg.clip_grad else torch._foreach_norm([p.grad for p in grads])
-            if not scaler.is_enabled() and not torch.isfinite(torch.stack(norms)).all():
-                # (fp16: the scaler skips overflowing steps and lowers its scale; not an error)
-                bad = next(names.get(id(p), "?") for p, n in zip(grads, norms) if not torch.isfinite(n))
-                raise FloatingPointError(f"step {step}: non-finite gradient in {bad} (loss {loss.item():.4f}); "
-                                         f"stopping, the last good checkpoint is kept in {ckpt_path}")
-            if epoch < cfg.freeze_last_layer:  # official: the prototypes stay fixed in epoch 0
-                for g in groups:
-                    if g["is_last_layer"]:
-                        for p in g["params"]:
-                            p.grad = None
+            norms = clip_gradients(params, cfg.clip_grad)
+            if not scaler.is_enabled():
+                check_gradients(params, norms, names, loss, step, ckpt_path)
+            if epoch < cfg.freeze_last_layer:
+                drop_last_layer_gradients(groups)
             scaler.step(optimizer)
             scaler.update()
             ema_update(dist.unwrap(method.student), method.teacher, sched["momentum"])
 
             logs = {"loss": loss.item(), **logs}
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count, seen, step = count + 1, seen + cfg.batch_size_per_gpu, step + 1
+            sums = {**sums, **{k: sums.get(k, 0.0) + v for k, v in logs.items()}}
+            count, seen, step = count + 1, seen + cfg.batch_size_per_gpu * dist.world_size(), step + 1
             if step % max(1, steps_per_epoch // 4) == 0 or step == last_step:
-                rate = seen * dist.world_size() / (time.time() - t0)
+                rate = seen / (time.time() - t0)  # images/s, all ranks
                 eta = (last_step - step) * cfg.batch_size_per_gpu * dist.world_size() / max(rate, 1e-9)
-                dist.print0(f"epoch {epoch} step {step}/{last_step} " +
-                            " ".join(f"{k} {v:.4f}" for k, v in logs.items()) +
-                            f" lr {sched['lr']:.2e} | {rate:.0f} img/s, eta {eta / 60:.1f} min")
+                dist.print0(f"epoch {epoch} step {step}/{last_step} " + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
+                            + f" lr {sched['lr']:.2e} | {rate:.0f} img/s, eta {eta / 60:.1f} min")
             if step == last_step or step % steps_per_epoch == 0:
                 break
             if cfg.checkpoint_minutes and time.time() - last_save > 60 * cfg.checkpoint_minutes:
                 save(epoch)  # within the epoch (long epochs): resumes at this step
                 last_save = time.time()
 
-        # end of an epoch (or of --max_steps): log, evaluate, watch for collapse, checkpoint
         done_epoch = step % steps_per_epoch == 0
         record = {"epoch": epoch, "step": step, "train_loss": sums.get("loss", 0) / max(count, 1),
                   **{k: v / max(count, 1) for k, v in sums.items() if k != "loss"},
                   "lr": sched["lr"], "wd": sched["wd"], "momentum": sched["momentum"],
                   "global_crops_size": augment.global_size}
-        if cfg.eval_every and ((done_epoch and (epoch + 1) % cfg.eval_every == 0) or step == last_step):
-            top1, top5 = eval_lib.knn_eval(method.teacher.backbone, train_set, eval_set, cfg.global_crops_size,
-                                           device, batch_size=256, num_workers=cfg.num_workers)
-            record.update(knn_top1=top1, knn_top5=top5)
-            dist.print0(f"epoch {epoch}: k-NN top-1 {top1:.2f} top-5 {top5:.2f}")
-        stats = eval_lib.collapse_check(method.teacher.backbone, eval_set, cfg.global_crops_size, device)
-        record.update(stats)
-        if stats["feat_std"] < COLLAPSE_STD or stats["feat_rank"] < COLLAPSE_RANK:
-            dist.print0(f"warning: epoch {epoch}: the teacher's features look collapsed (std {stats['feat_std']:.3f}, "
-                        f"effective rank {stats['feat_rank']:.1f}; alarms below {COLLAPSE_STD} / {COLLAPSE_RANK}): "
-                        f"k-NN will be poor; see README, 'Collapse'")
+        evaluate = cfg.eval_every and ((done_epoch and (epoch + 1) % cfg.eval_every == 0) or step == last_step)
+        record = end_of_epoch(cfg, method, train_set, eval_set, device, record, evaluate)
+        top1 = record.get("knn_top1", top1)
         record["time"] = time.time() - t0
         if done_epoch:
             sums, count = {}, 0
@@ -533,16 +669,17 @@ def train(cfg, Method):
         save(epoch)
         last_save = time.time()
     dist.print0(f"done: {step} steps in {(time.time() - t0) / 60:.1f} min; outputs in {out}")
+    dist.print0(summary(cfg, method, top1, train_set, eval_set, device))
     method.student = dist.unwrap(method.student)  # DDP gone before the process group (Gloo aborts otherwise)
     dist.cleanup()
     return method
 
 
-def main(Config, Method, presets, description=""):
+def main(recipe, description=""):
     """Command-line entry point of a method file: one-line errors, non-zero exit."""
-    cfg = config_cli(Config, presets, description=description)
+    cfg = config_cli(recipe.Config, recipe.presets, description=description)
     try:
-        train(cfg, Method)
+        train(cfg, recipe.Method)
     except (ConfigError, data_lib.DataError, FloatingPointError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

@@ -66,13 +66,11 @@ def coding_rate_ms(coding_rate, cfg, device, sync, reps=20):
 
 
 def bench(module, overrides, device, steps=10, warmup=3):
-    presets = getattr(module, "PRESETS")
-    Config = next(v for k, v in vars(module).items() if k.endswith("Config") and isinstance(v, type))
-    Method = next(v for k, v in vars(module).items() if isinstance(v, type) and issubclass(v, torch.nn.Module)
-                  and k.upper() == module.__name__.upper())
-    names = {f.name for f in dataclasses.fields(Config)}
-    cfg = Config(**{k: v for k, v in {**presets["synthetic"], **overrides, "device": device.type}.items() if k in names})
-    method = Method(cfg, steps_per_epoch=1000).to(device)
+    recipe = module.RECIPE
+    names = {f.name for f in dataclasses.fields(recipe.Config)}
+    cfg = recipe.Config(**{k: v for k, v in {**recipe.presets["synthetic"], **overrides, "device": device.type}.items()
+                           if k in names})
+    method = recipe.Method(cfg, steps_per_epoch=1000).to(device)
     groups = method.param_groups()
     method.student = dist.wrap_ddp(method.student, device)   # under torchrun: DDP, as train.py
     opt = torch.optim.AdamW(groups, lr=1e-4, fused=device.type == "cuda")

@@ -124,12 +124,11 @@ def setup(name, official_dir, sides, compile_blocks=False):
     """Our method and config for `name`, the crops, and the step functions of the wanted sides."""
     import data
     import train
-    module = __import__(name)
-    Config, Method = {"dino": ("DINOConfig", "DINO"), "simdino": ("SimDINOConfig", "SimDINO")}[name]
-    Config, Method = getattr(module, Config), getattr(module, Method)
-    cfg = train.config_cli(Config, module.PRESETS, ["--preset", "official", "--compile", str(compile_blocks)] + CPU_CONFIG)
+    recipe = __import__(name).RECIPE
+    cfg = train.config_cli(recipe.Config, recipe.presets, ["--preset", "official", "--compile", str(compile_blocks)]
+                           + CPU_CONFIG)
     torch.manual_seed(0)
-    method = Method(cfg, steps_per_epoch=1000)
+    method = recipe.Method(cfg, steps_per_epoch=1000)
     method.train()
     images, _ = data.make_synthetic(cfg.batch_size_per_gpu, seed=1)
     augment = data.MultiCrop(cfg.global_crops_size, cfg.local_crops_size, cfg.global_crops_scale,

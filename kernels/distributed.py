@@ -82,10 +82,6 @@ def all_reduce_sum(x):
     return x
 
 
-def all_reduce_mean(x):
-    return all_reduce_sum(x) / world_size() if is_distributed() else x
-
-
 def all_gather_cat(x):
     """Concatenate a tensor over ranks along dim 0 (sizes may differ per rank)."""
     if not is_distributed():

@@ -1,4 +1,4 @@
-"""The command-line and output-file contract (DESIGN.md), end to end in subprocesses: smoke run,
+"""The command-line and output-file contract (docs/DESIGN.md), end to end in subprocesses: smoke run,
 exact resume, one-line errors on bad input, torchrun with Gloo."""
 import json
 import os

@@ -13,8 +13,10 @@ import train
 
 @pytest.fixture(scope="module")
 def baselines():
-    train_set, eval_set = data.load_dataset("synthetic")
-    out = eval_lib.baselines("vit_pico", 8, train_set, eval_set, 32, torch.device("cpu"))
+    """The default recipe's baselines (vit_pico/8 at 32 px), as the runs' summary lines cache them."""
+    cfg = train.config_cli(simdino.SimDINOConfig, simdino.PRESETS, [])
+    train_set, eval_set = data.load_dataset("synthetic", eval_size=32)
+    out = train.cached_baselines(cfg, train_set, eval_set, torch.device("cpu"))
     return {name: top1 for name, (top1, _) in out.items()}
 
 
@@ -76,7 +78,7 @@ def test_distilled_student_beats_the_same_student_from_scratch(dinov2_run, tmp_p
     short = ["--arch", "vit_test", "--max_steps", "50", "--warmup_epochs", "0", "--freeze_last_layer", "0",
              "--warmup_teacher_temp_epochs", "0", "--momentum_teacher", "0.9"]
     scratch = short_run(tmp_path / "scratch", dinov2, dinov2.DINOv2Config, dinov2.DINOv2, 1, short)
-    distilled = short_run(tmp_path / "distilled", dinov2, dinov2.DINOv2Config, dinov2.DINOv2, 1,
+    distilled = short_run(tmp_path / "distilled", dinov2, dinov2.DINOv2Config, dinov2.DINOv2Distillation, 1,
                           short + ["--distill_from", str(teacher)])
     with capsys.disabled():
         print(f"\nk-NN top-1 after 50 steps: from scratch {scratch[-1]['knn_top1']:.2f}, "
@@ -88,7 +90,7 @@ def test_curation_removes_planted_copies_and_retrieves_planted_neighbours(dinov2
     """curate.py --demo with the 2-epoch DINOv2 backbone: a pool of 2,000 synthetic images with
     100 planted exact and 100 augmented copies, and an augmented copy of 100 of the 200 curated
     images. Measured with this backbone: exact copies all removed, augmented ones 66 %, precision
-    0.99, planted neighbours retrieved 81 % (README, "curation")."""
+    0.99, planted neighbours retrieved 81 % (docs/SCALING.md, curation)."""
     from tools import curate
     _, checkpoint = dinov2_run
     curate.main(["--demo", str(tmp_path / "demo"), "--checkpoint", str(checkpoint)])
@@ -104,7 +106,7 @@ def test_trained_backbone_beats_random_init_on_other_tasks(dinov2_run, task, met
     """tasks.py on the 2-epoch DINOv2 backbone against a random ViT-pico/8 (--baselines). Measured
     on the 2-epoch state of the default 10-epoch run: retrieval mAP 2.6 vs 1.4, discover AP50 21.3
     vs 12.8. (seg, video and copy detection do not beat random init with these backbones yet:
-    README, "Other evaluations".)"""
+    docs/EVALUATION.md, "Other evaluations".)"""
     _, checkpoint = dinov2_run
     capsys.readouterr()
     eval_lib.main([task, "--checkpoint", str(checkpoint), "--baselines", "--device", "cpu",

@@ -1,4 +1,4 @@
-"""Training that survives (issue 8): SIGKILL at random steps then resume == never interrupted, bit
+"""Training that survives: SIGKILL at random steps then resume == never interrupted, bit
 for bit; a kill in the middle of a checkpoint write; non-finite loss and gradient guards; the
 collapse warning; bad image files. Each test runs the real command line in subprocesses."""
 import json
@@ -140,7 +140,7 @@ class Injected(dino.DINO):
             x = self.student.backbone.patch_embed.proj.weight.sum() * 0
             loss = loss + 0 * x.abs().sqrt()
         return loss, logs
-train.main(dino.DINOConfig, Injected, dino.PRESETS)
+train.main(train.Recipe("dino", dino.DINOConfig, Injected, dino.PRESETS))
 """
 
 

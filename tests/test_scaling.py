@@ -32,7 +32,7 @@ def test_distillation_step_uses_the_frozen_teacher_on_every_patch(tmp_path):
                            ["--distill_from", str(tmp_path / "teacher.pth"), "--batch_size_per_gpu", "8",
                             "--drop_path_rate", "0.3"])
     torch.manual_seed(0)
-    method = dinov2.DINOv2(cfg, steps_per_epoch=10)
+    method = dinov2.DINOv2Distillation(cfg, steps_per_epoch=10)
     # the frozen teacher is the checkpoint's EMA teacher, outside the module tree (not in the
     # checkpoint, not optimised, not EMA-updated); the EMA teacher is the student's size
     assert method.frozen.backbone.embed_dim == 128 and method.teacher.backbone.embed_dim == 96
@@ -71,11 +71,11 @@ def test_distillation_refuses_a_teacher_that_does_not_fit(tmp_path, extra, messa
     _teacher_checkpoint(tmp_path / "teacher.pth", extra=extra)
     cfg = train.config_cli(dinov2.DINOv2Config, dinov2.PRESETS, ["--distill_from", str(tmp_path / "teacher.pth")])
     with pytest.raises(train.ConfigError, match=message):
-        dinov2.DINOv2(cfg)
+        dinov2.DINOv2Distillation(cfg)
     torch.save({"teacher": {}, "config": {"arch": "vit_pico"}}, tmp_path / "other.pth")
     cfg = train.config_cli(dinov2.DINOv2Config, dinov2.PRESETS, ["--distill_from", str(tmp_path / "other.pth")])
     with pytest.raises(train.ConfigError, match="not a dinov2.py training checkpoint"):
-        dinov2.DINOv2(cfg)
+        dinov2.DINOv2Distillation(cfg)
 
 
 def _small_synthetic(monkeypatch, n_train=128, n_eval=64):
@@ -98,8 +98,7 @@ def test_high_res_phase_switches_the_global_crops_in_the_last_epochs(tmp_path, m
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["global_crops_size"] for r in log] == [32, 32, 48]
     with pytest.raises(train.ConfigError, match="--high_res_size 50 must be a positive multiple of --patch_size 8"):
-        train.check_config(train.config_cli(dinov2.DINOv2Config, dinov2.PRESETS,
-                                            ["--high_res_epochs", "1", "--high_res_size", "50"]))
+        train.config_cli(dinov2.DINOv2Config, dinov2.PRESETS, ["--high_res_epochs", "1", "--high_res_size", "50"]).check()
 
 
 def test_a_checkpoint_from_before_the_new_flags_resumes(tmp_path, monkeypatch):

@@ -109,4 +109,4 @@ def test_presets_trace_to_official_values():
 
 def test_bad_eps_is_a_config_error():
     with pytest.raises(train.ConfigError, match="--eps"):
-        train.check_config(tiny_cfg(eps=0.0, data="synthetic"))
+        tiny_cfg(eps=0.0, data="synthetic").check()

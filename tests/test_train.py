@@ -70,4 +70,25 @@ def test_cli_preset_then_flags():
 def test_check_config_names_the_flag(flags, message):
     cfg = train.config_cli(DINOConfig, PRESETS, flags)
     with pytest.raises(train.ConfigError, match=message.replace("-", r"\-")):
-        train.check_config(cfg)
+        cfg.check()
+
+
+def test_summary_line_puts_the_knn_next_to_the_cached_baselines(tmp_path, monkeypatch):
+    """The run's last line: its k-NN against raw pixels and the random ViT, computed once per data
+    and architecture and then read from the cache; below the random ViT it says why (the method's
+    own words, DINO's for the synthetic data, or a general one)."""
+    monkeypatch.setenv("NANODINO_CACHE", str(tmp_path))
+    calls = []
+    fake = lambda arch, *a, **k: calls.append(arch) or {"raw_pixels": (27.0, 60.0), "random_vit": (26.0, 61.0)}
+    monkeypatch.setattr(train.eval_lib, "baselines", fake)
+    cfg, cpu, images = DINOConfig(**PRESETS["synthetic"]), torch.device("cpu"), [0] * 10
+    line = train.summary(cfg, object(), 40.0, images, images[:4], cpu)
+    assert "k-NN top-1 40.00" in line and "raw pixels 27.00" in line and "26.00" in line and "+14.00" in line
+    below = train.summary(cfg, object(), 20.0, images, images[:4], cpu)
+    assert calls == ["vit_pico"] and "below the random ViT" in below and "Collapse" in below
+    import dino
+    assert train.summary(cfg, dino.DINO.__new__(dino.DINO), 20.0, images, images[:4], cpu).endswith(
+        dino.DINO.below_random_vit) and "tools/compare.py" in dino.DINO.below_random_vit
+    train.summary(DINOConfig(**{**PRESETS["synthetic"], "arch": "vit_nano"}), object(), 40.0, images, images[:4], cpu)
+    assert calls == ["vit_pico", "vit_nano"]            # another architecture: its own baselines
+    assert "no k-NN" in train.summary(cfg, object(), None, images, images[:4], cpu)
