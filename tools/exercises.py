@@ -24,6 +24,7 @@ import tempfile
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository root
 COPIED = ("*.py", "kernels/*.py", "tools/*.py", "tests/*.py")   # what a student copy holds
@@ -171,16 +172,15 @@ EXERCISES = [
 
 def find_function(tree, qualname):
     """The FunctionDef of `qualname` ("f" or "Class.method"), also inside `if` blocks."""
-    def search(body, parts):
+    def members(body):   # a body's statements, those of its `if` blocks included
         for node in body:
-            if isinstance(node, ast.If):
-                found = search(node.body + node.orelse, parts)
-                if found:
-                    return found
-            elif isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == parts[0]:
-                return node if len(parts) == 1 else search(node.body, parts[1:])
-        return None
-    node = search(tree.body, qualname.split("."))
+            yield from members(node.body + node.orelse) if isinstance(node, ast.If) else [node]
+    node = tree
+    for name in qualname.split("."):
+        node = next((m for m in members(node.body) if isinstance(m, (ast.FunctionDef, ast.ClassDef))
+                     and m.name == name), None)
+        if node is None:
+            break
     if not isinstance(node, ast.FunctionDef):
         raise LookupError(f"no function {qualname}")
     return node
@@ -209,10 +209,8 @@ def copy_project(dest):
 def make_student_copy(number, dest):
     ex = EXERCISES[number - 1]
     copy_project(dest)
-    with open(os.path.join(ROOT, ex.path), encoding="utf-8") as f:
-        source = f.read()
-    with open(os.path.join(dest, ex.path), "w", encoding="utf-8") as f:
-        f.write(stub_source(source, ex, number))
+    path = Path(dest, ex.path)
+    path.write_text(stub_source(path.read_text(encoding="utf-8"), ex, number), encoding="utf-8")
 
 
 def run_tests(tests, cwd, quiet=False, threads=None):
@@ -232,10 +230,6 @@ def describe(number):
     ex = EXERCISES[number - 1]
     return (f"Exercise {number}: {ex.name} — {ex.path}:{ex.function}\n"
             f"Paper: {ex.reference}\n\n{textwrap.fill(ex.statement, 96)}\n\nTests:\n  " + "\n  ".join(ex.tests))
-
-
-def student_dir(number):
-    return os.path.join(ROOT, "exercises", f"{number:02d}_{EXERCISES[number - 1].name}")
 
 
 def verify_one(number):
@@ -293,7 +287,7 @@ def main(argv=None):
         return 0
     if args.solution:
         return 0 if run_tests(ex.tests, ROOT)[0] else 1
-    dest = student_dir(n)
+    dest = os.path.join(ROOT, "exercises", f"{n:02d}_{ex.name}")
     if args.reset and os.path.isdir(dest):
         shutil.rmtree(dest)
     if not os.path.isdir(dest):
