@@ -18,9 +18,11 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 
 import data
+import dino
 import dinov2
 import eval as eval_lib
 import simdino
+import train
 from kernels import distributed as dist
 from kernels.coding_rate import coding_rate
 from vit import build_vit
@@ -299,14 +301,11 @@ def test_last_layer_is_frozen_for_the_first_epochs_only(tmp_path):
     --norm_last_layer false) do not move in epoch 0, while the rest of the head does; they move
     in the first step of epoch 1 (the run resumed). Frozen, the student's prototypes stay equal
     to the teacher's (their EMA); moved, they differ."""
-    import dino
-    import train
     _tiny_folder(tmp_path / "img")
     flags = ["--data", "imagefolder", "--data_path", str(tmp_path / "img"), "--batch_size_per_gpu", "8",
              "--out_dim", "32", "--head_hidden_dim", "32", "--head_bottleneck_dim", "16", "--local_crops_number", "1",
              "--global_crops_size", "16", "--local_crops_size", "8", "--eval_every", "0", "--device", "cpu",
              "--norm_last_layer", "false", "--warmup_epochs", "0", "--lr", "0.01", "--output_dir", str(tmp_path / "run")]
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     last = lambda net: [p.detach().clone() for p in net.head.last_layer.parameters()]
     m2 = train.train(train.config_cli(dino.DINOConfig, dino.PRESETS, flags + ["--max_steps", "2"]), dino.DINO)
     assert all(torch.equal(s, t) for s, t in zip(last(m2.student), last(m2.teacher)))
@@ -621,7 +620,6 @@ def test_simdino_gamma_and_alpha_count_the_global_batch(monkeypatch):
 def test_global_batch_counts_with_identical_ranks(two_identical_ranks):
     """Two ranks holding the same batch = one process on the batch twice over: SimDINO's γ·R with
     reduced covariances, DINO's centre, DINOv2's Sinkhorn–Knopp and patch centre."""
-    import dino
     W, B, d = two_identical_ranks, 5, 8
     s, t = _unit(4 * B, d, seed=2), _unit(2 * B, d, seed=3)
     expa, R = simdino.expansion(s, t, 0.3, 1, reduce_cov=True)
