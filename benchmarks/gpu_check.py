@@ -4,7 +4,7 @@
     python benchmarks/gpu_check.py --official DIR          # also the official DINO / SimDINO step next to ours
     python benchmarks/gpu_check.py --fashion_mnist DIR     # Fashion-MNIST from DIR (default: Debian's path)
     python benchmarks/gpu_check.py --parts kernels methods # only some parts (the others are recorded as skipped)
-    python benchmarks/gpu_check.py --cpu                   # the same parts at tiny sizes on CPU, in well under a minute
+    python benchmarks/gpu_check.py --cpu                   # the same parts at tiny sizes on CPU (< 1 minute)
 
 The report, OUTPUT_DIR/report.md and OUTPUT_DIR/report.json (default runs/gpu_check), holds the
 parts in this order, each with its status (ok | failed | timed out | skipped) and seconds:
@@ -23,7 +23,8 @@ parts in this order, each with its status (ok | failed | timed out | skipped) an
                     --compile true: finite losses (log.jsonl), median step time, peak memory.
   4. benchmarks     `python benchmarks/bench.py --device cuda` (ViT-S/16 and ViT-B/16: images/s, MFU,
                     memory) and `python -m kernels.attention` (triton against SDPA, forward + backward).
-  5. official       `python benchmarks/bench_official.py --official DIR`, only with --official DIR.
+  5. official       `python benchmarks/bench_official.py --official DIR`, only with --official DIR
+                    (passing --device cuda once it has that flag: today both sides run on the CPU).
   6. fashion_mnist  with the time left: the four methods on Fashion-MNIST (28 px, ViT-pico/7, k-NN at
                     the end of each run), and `python eval.py knn --checkpoint ... --baselines` once
                     (raw pixels, random ViT, and that run's k-NN again).
@@ -265,7 +266,8 @@ def check_triton(cpu):
         return emit("triton", "skipped", note="no GPU, and not under TRITON_INTERPRET=1")
     device = "cpu" if cpu else "cuda"
     if cpu:  # the interpreter: two small cases (a few seconds)
-        cases = [((1, 2, 17, 32), "float32", True), ((1, 1, 37, 64), "float32", False), ((1, 2, 17, 32), "bfloat16", True)]
+        cases = [((1, 2, 17, 32), "float32", True), ((1, 1, 37, 64), "float32", False),
+                 ((1, 2, 17, 32), "bfloat16", True)]
     else:  # N 5..257 (197: a ViT/16 global crop, 37: a local crop), head dims 32, 64, 128
         shapes = [(2, 3, 5, 32), (2, 3, 17, 32), (4, 6, 37, 64), (2, 6, 65, 64), (4, 6, 197, 64),
                   (2, 6, 257, 64), (2, 4, 37, 128), (2, 4, 197, 128)]
@@ -278,7 +280,8 @@ def check_triton(cpu):
             continue
 
         def one():
-            errs = attention_errors(lambda q, k, v: A.attention(q, k, v, "triton"), B, H, N, d, dtype, strided, device)
+            triton = lambda q, k, v: A.attention(q, k, v, "triton")  # noqa: E731
+            errs = attention_errors(triton, B, H, N, d, dtype, strided, device)
             math_errs = attention_errors(A.math_attention, B, H, N, d, dtype, strided, device)
             emit_compared(name, errs, bound_of(math_errs, dtype), math_errors=math_errs)
         guarded(name, one)
@@ -292,7 +295,8 @@ def check_sdpa(cpu):
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from kernels.attention import math_attention
     device = "cpu" if cpu else "cuda"
-    shapes = [(1, 2, 17, 32), (1, 2, 37, 64)] if cpu else [(4, 6, 197, 64), (8, 6, 37, 64), (2, 4, 257, 128), (2, 3, 5, 32)]
+    shapes = ([(1, 2, 17, 32), (1, 2, 37, 64)] if cpu else
+              [(4, 6, 197, 64), (8, 6, 37, 64), (2, 4, 257, 128), (2, 3, 5, 32)])
     for backend in ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "CUDNN_ATTENTION", "MATH"):
         for dtype in ("float32", "bfloat16"):
             for B, H, N, d in shapes:
@@ -348,7 +352,8 @@ def check_coding_rate(cpu):
             Rr, grr = value_and_grad(lambda z: coding_rate_reference(z, eps), Zd.float(), wd)
             errs = {"R": rel_err(R, R_ref), "grad": rel_err(gr, g_ref)}
             ref_errs = {"R": rel_err(Rr, R_ref), "grad": rel_err(grr, g_ref)}
-            emit_compared(f"coding_rate {shape} float32", errs, bound_of(ref_errs, "float32"), logdet_fp32_errors=ref_errs)
+            emit_compared(f"coding_rate {shape} float32", errs, bound_of(ref_errs, "float32"),
+                          logdet_fp32_errors=ref_errs)
 
         def autocast():
             R32 = coding_rate(Zd.float(), eps)
@@ -500,7 +505,8 @@ def train_run(args, method, out, flags, timeout, log_name):
         if not records or bad:
             res.update(status="failed", error=f"non-finite {', '.join(bad)}" if bad else f"no log.jsonl in {out}")
     if res["status"] != "ok":
-        res["error"] = res.get("error") or tail(r["stderr"])
+        res["error"] = res.get("error") or ((f"timed out after {timeout:.0f} s\n" if r["timed_out"] else "")
+                                            + tail(r["stderr"]))
     return res
 
 
@@ -528,7 +534,8 @@ def part_methods(args, deadline):
         futures = {name: pool.submit(one, name, method, fl) for name, method, fl in runs}
     result = {"runs": {name: f.result() for name, f in futures.items()}}
     if args.cpu:
-        result["runs"][f"{compiled} --compile true"] = {"status": "skipped", "note": "CPU mode: a compile takes minutes"}
+        result["runs"][f"{compiled} --compile true"] = {"status": "skipped",
+                                                        "note": "CPU mode: a compile takes minutes"}
     result["status"] = worst([r["status"] for r in result["runs"].values()])
     return result
 
@@ -569,11 +576,11 @@ def part_official(args, deadline):
                                              "RobinWu218/SimDINO) given"}
     cmd = [sys.executable, "benchmarks/bench_official.py", "--official", os.path.abspath(args.official),
            "--steps", "3" if args.cpu else "5", "--warmup", "1", "--threads", str(min(8, os.cpu_count() or 1))]
-    helptext = subprocess.run([sys.executable, "benchmarks/bench_official.py", "--help"], cwd=ROOT,
-                              capture_output=True, text=True, timeout=60).stdout
+    with open(os.path.join(ROOT, "benchmarks", "bench_official.py")) as f:
+        has_device_flag = '"--device"' in f.read()
     note = None
     if not args.cpu:
-        if "--device" in helptext:
+        if has_device_flag:
             cmd += ["--device", "cuda"]
         else:
             note = "bench_official.py has no --device flag: both sides ran on the CPU, not on the GPU"
@@ -581,8 +588,11 @@ def part_official(args, deadline):
     result = {"status": status_of(r), "command": r["command"], "output": tail(r["stdout"], 4000)}
     if note:
         result["note"] = note
-    if "skipped" in r["stdout"]:
-        result["note"] = "; ".join(filter(None, [note, "a method was skipped (its checkout is missing)"]))
+    missing = r["stdout"].count("skipped: no main_dino.py")
+    if missing:
+        result["note"] = "; ".join(filter(None, [note, f"{missing} of 2 checkouts missing"]))
+        if missing == 2 and r["rc"] == 0:
+            result["status"] = "skipped"
     if r["rc"] != 0:
         result["error"] = tail(r["stderr"])
     return result
@@ -603,10 +613,13 @@ def fashion_dir(args):
 
 def eval_knn(args, ckpt, device, baselines, timeout, log_name):
     """`python eval.py knn --checkpoint CKPT [--baselines]`: its JSON line, or {} and the error."""
-    cmd = [sys.executable, "eval.py", "knn", "--checkpoint", ckpt, "--device", device] + (["--baselines"] if baselines else [])
+    cmd = [sys.executable, "eval.py", "knn", "--checkpoint", ckpt, "--device", device]
+    cmd += ["--baselines"] if baselines else []
     r = run(args, cmd, timeout, log_name)
     found = json_lines(r["stdout"])
-    return (found[-1], None) if found and r["rc"] == 0 else ({}, f"{r['command']}: {status_of(r)}\n{tail(r['stderr'], 600)}")
+    if found and r["rc"] == 0:
+        return found[-1], None
+    return {}, f"{r['command']}: {status_of(r)}\n{tail(r['stderr'], 600)}"
 
 
 def part_fashion(args, deadline):
@@ -655,7 +668,7 @@ def part_fashion(args, deadline):
 PARTS = [  # name, title, function
     ("environment", "Environment", part_environment),
     ("kernels", "GPU tests: Triton attention, SDPA backends, coding rate, ViT per backend", part_kernels),
-    ("methods", "The methods' command lines: finite losses, step time, memory; one with --compile true", part_methods),
+    ("methods", "The methods' command lines: losses, step time, memory; one with --compile true", part_methods),
     ("benchmarks", "benchmarks/bench.py and python -m kernels.attention", part_benchmarks),
     ("official", "The official DINO / SimDINO step next to ours (benchmarks/bench_official.py)", part_official),
     ("fashion_mnist", "Fashion-MNIST: the four methods, k-NN against the baselines", part_fashion),
@@ -706,7 +719,8 @@ def markdown_part(name, p):
                   "peak CUDA MiB | max RSS MiB | start to step 1 s | k-NN top-1 | wall s |", "|---" * 11 + "|"]
         for run_name, r in p.get("runs", {}).items():
             losses = ", ".join(f"{k} {fmt(v)}" for k, v in r.get("losses", {}).items())
-            lines.append(f"| {run_name} | {r['status']} | {fmt(r.get('step'))} | {losses} | {fmt(r.get('median_step_s'))} | "
+            lines.append(f"| {run_name} | {r['status']} | {fmt(r.get('step'))} | {losses} | "
+                         f"{fmt(r.get('median_step_s'))} | "
                          f"{fmt(r.get('images_per_s'))} | {fmt(r.get('peak_cuda_allocated_MiB'))} | "
                          f"{fmt(r.get('max_rss_MiB'))} | {fmt(r.get('start_to_first_step_s'))} | {knn_cell(r)} | "
                          f"{fmt(r.get('seconds'))} |")
@@ -752,11 +766,13 @@ def write_report(args, report):
 
 def markdown(report):
     lines = [f"# nanodino GPU check ({report['mode']} mode)", "",
-             f"`{report['command']}` at {report['started']}, {report['elapsed_s']:.0f} s of a {report['budget_s']} s budget.",
+             f"`{report['command']}` at {report['started']}, {report['elapsed_s']:.0f} s of a "
+             f"{report['budget_s']:g} s budget.",
              "", "| part | status | seconds |", "|---|---|---|"]
-    lines += [f"| {i}. {p['name']} | {p['status']} | {fmt(p.get('seconds'))} |" for i, p in enumerate(report["parts"], 1)]
+    lines += [f"| {i}. {p['name']} | {p['status']} | {fmt(p.get('seconds'))} |"
+              for i, p in enumerate(report["parts"], 1)]
     for i, p in enumerate(report["parts"], 1):
-        lines += ["", f"## {i}. {p['title']}: {p['status']}" + (f" ({p['seconds']:.0f} s)" if "seconds" in p else ""), ""]
+        lines += ["", f"## {i}. {p['title']}: {p['status']} ({p['seconds']:.0f} s)", ""]
         lines += markdown_part(p["name"], p)
     return "\n".join(lines)
 
@@ -769,7 +785,8 @@ def main():
     p.add_argument("--cpu", action="store_true", help="tiny sizes on the CPU (what tests/test_gpu_check.py runs)")
     p.add_argument("--output_dir", default="runs/gpu_check", help="report.md, report.json, logs/, the runs")
     p.add_argument("--budget_s", type=float, default=480, help="total seconds; later parts get what is left")
-    p.add_argument("--parts", nargs="+", default=[name for name, _, _ in PARTS], choices=[name for name, _, _ in PARTS])
+    names = [name for name, _, _ in PARTS]
+    p.add_argument("--parts", nargs="+", default=names, choices=names, help="the parts to run (default: all)")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                    help="the methods of parts 3 and 6 (the first one also runs with --compile true)")
     p.add_argument("--official", default="", help="folder with the official checkouts dino/ and SimDINO/")
@@ -780,12 +797,14 @@ def main():
     args = p.parse_args()
     args.output_dir = os.path.abspath(args.output_dir)
     t0 = time.time()
-    report = {"mode": "cpu" if args.cpu else "gpu", "command": " ".join(["python", "benchmarks/gpu_check.py", *sys.argv[1:]]),
+    command = " ".join(["python", "benchmarks/gpu_check.py", *sys.argv[1:]])
+    report = {"mode": "cpu" if args.cpu else "gpu", "command": command,
               "started": datetime.datetime.now().isoformat(timespec="seconds"), "budget_s": args.budget_s,
               "elapsed_s": 0.0, "parts": []}
+    write_report(args, report)
     for name, title, fn in PARTS:
         budget_left = args.budget_s - (time.time() - t0)
-        limit = min(PART_LIMITS_S[name] if not args.cpu else 90, budget_left)
+        limit = max(0.0, min(PART_LIMITS_S[name] if not args.cpu else 90, budget_left))
         print(f"[{time.time() - t0:5.0f} s] part {name}: {title} (limit {limit:.0f} s)", flush=True)
         start = time.time()
         if name not in args.parts:
