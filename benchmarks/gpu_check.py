@@ -19,15 +19,21 @@ parts in this order, each with its status (ok | failed | timed out | skipped) an
   3. methods        each method's real command line for 50 steps (`python dino.py --preset official
                     --data synthetic --device cuda --precision bf16 --arch vit_small --patch_size 16
                     --global_crops_size 224 --local_crops_size 96 --local_crops_number 10
-                    --batch_size_per_gpu 64 --max_steps 50 --eval_every 0`), and DINO once more with
-                    --compile true: finite losses (log.jsonl), median step time, peak memory.
+                    --batch_size_per_gpu 64 --max_steps 50 --eval_every 0`), and the first of --methods
+                    (DINO) once more with --compile true: finite losses (log.jsonl), median step time,
+                    peak memory.
   4. benchmarks     `python benchmarks/bench.py --device cuda` (ViT-S/16 and ViT-B/16: images/s, MFU,
                     memory) and `python -m kernels.attention` (triton against SDPA, forward + backward).
   5. official       `python benchmarks/bench_official.py --official DIR`, only with --official DIR
                     (passing --device cuda once it has that flag: today both sides run on the CPU).
   6. fashion_mnist  with the time left: the four methods on Fashion-MNIST (28 px, ViT-pico/7, k-NN at
                     the end of each run), and `python eval.py knn --checkpoint ... --baselines` once
-                    (raw pixels, random ViT, and that run's k-NN again).
+                    (raw pixels, random ViT, and that run's k-NN again). CPU mode: only with
+                    --fashion_mnist DIR, 2 steps (tests/test_gpu_check.py gives it a tiny fake copy).
+
+The CPU mode (--cpu) runs the same code at tiny sizes: triton under TRITON_INTERPRET=1 (fp32 only),
+the methods as vit_pico/8 on 2x32 + 2x16 px crops, batch 16, 3 steps, two runs at a time, no
+compile; bench.py's small CPU config; subprocesses with OMP_NUM_THREADS=1.
 
 Every part runs in subprocesses with time limits; a part that crashes or times out is recorded as
 such and the next one runs. The report is rewritten after every part, so a crash keeps what was
@@ -623,6 +629,9 @@ def eval_knn(args, ckpt, device, baselines, timeout, log_name):
 
 
 def part_fashion(args, deadline):
+    if args.cpu and not args.fashion_mnist:
+        return {"status": "skipped", "note": "CPU mode: only with --fashion_mnist DIR (on a CPU the k-NN over "
+                                             "the 70,000 images of the real set takes minutes)"}
     path = fashion_dir(args)
     if path is None:
         where = args.fashion_mnist or "/usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist)"

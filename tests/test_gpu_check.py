@@ -73,7 +73,7 @@ def test_forced_failure_is_recorded_and_later_parts_still_run(runs):
     assert run["rc"] == 1 and "failed or timed out: environment" in run["stdout"]
     assert [parts[n]["status"] for n in ("kernels", "methods", "benchmarks")] == ["ok", "ok", "ok"], run["stdout"]
     assert "no --official DIR" in parts["official"]["note"]
-    assert "no Fashion-MNIST files" in parts["fashion_mnist"]["note"]  # none given to this run
+    assert "only with --fashion_mnist DIR" in parts["fashion_mnist"]["note"]  # none given to this run
 
 
 def test_kernel_checks_ran_and_passed(runs):
