@@ -54,9 +54,7 @@ def extract_features(fn, dataset, size, device, batch_size=256, num_workers=0):
         labels.append(y.to(device))
     if crops is not None:
         dataset.crops = crops
-    feats = dist.all_gather_cat(torch.cat(feats))
-    labels = dist.all_gather_cat(torch.cat(labels))
-    return feats, labels
+    return dist.all_gather_cat(torch.cat(feats)), dist.all_gather_cat(torch.cat(labels))
 
 
 @torch.no_grad()

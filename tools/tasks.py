@@ -145,10 +145,9 @@ def segmentation_data(data_path, size, max_images=0):
 
 
 def segmentation_metrics(pred, target, num_classes):
-    """mIoU and mAcc over a whole set (mmsegmentation's): per class IoU = TP / (TP + FP + FN) and
-    accuracy = TP / (TP + FN), from one confusion matrix of all pixels (target -1 ignored); IoU
-    averaged over the classes present in the prediction or the target, accuracy over those in the
-    target."""
+    """mIoU and mAcc as mmsegmentation counts them, from one confusion matrix of all pixels (target
+    -1 ignored): IoU = TP / (TP + FP + FN) averaged over the classes in the prediction or the
+    target, accuracy = TP / (TP + FN) over those in the target."""
     keep = target >= 0
     cm = torch.bincount(target[keep] * num_classes + pred[keep], minlength=num_classes ** 2)
     cm = cm.view(num_classes, num_classes).double()
@@ -158,26 +157,25 @@ def segmentation_metrics(pred, target, num_classes):
 
 
 def linear_segmentation(ftr, ytr, fte, num_classes, steps=500, batch_size=16, lr=1e-3, seed=0):
-    """Train a linear head on frozen patch features (N, h, w, D) against pixel labels (N, S, S);
-    return the predicted labels of fte (M, S, S). Features are standardised with the train set's
-    per-channel mean and std (the BatchNorm of DINOv2's linear head, frozen); logits are upsampled
-    bilinearly to the labels' size and trained with cross-entropy (AdamW, cosine lr)."""
+    """A linear head on frozen patch features ftr (N, h, w, D), standardised per channel with their
+    statistics (the frozen BatchNorm of DINOv2's linear head), its logits upsampled bilinearly to
+    the pixel labels ytr (N, S, S); returns the predicted labels of fte (M, S, S)."""
     g = torch.Generator().manual_seed(seed)
     mean, std = ftr.mean((0, 1, 2)), ftr.std((0, 1, 2)) + 1e-6
     head = torch.nn.Linear(ftr.shape[-1], num_classes)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-    logits = lambda f, size: F.interpolate(head((f - mean) / std).permute(0, 3, 1, 2), size=size,
-                                           mode="bilinear", align_corners=False)
+    logits = lambda f: F.interpolate(head((f - mean) / std).permute(0, 3, 1, 2), size=ytr.shape[-2:],
+                                     mode="bilinear", align_corners=False)
     for _ in range(steps):
         i = torch.randint(len(ftr), (min(batch_size, len(ftr)),), generator=g)
-        loss = F.cross_entropy(logits(ftr[i], ytr.shape[-2:]), ytr[i], ignore_index=-1)
+        loss = F.cross_entropy(logits(ftr[i]), ytr[i], ignore_index=-1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
     with torch.no_grad():
-        return torch.cat([logits(f, ytr.shape[-2:]).argmax(1) for f in fte.split(64)])
+        return torch.cat([logits(f).argmax(1) for f in fte.split(64)])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,9 +205,8 @@ def propagate_labels(feats, first, n_last_frames=7, neighbourhood=12, topk=5, te
 
 
 def labels_to_pixels(soft, patch_size, size=None):
-    """Soft patch labels (T, C, h, w) -> label maps (T, H, W): upsampled bilinearly by the patch
-    size, each channel rescaled to [0, 1] (the official norm_mask), argmax; resized (nearest) to
-    `size` (the original frame size) when given."""
+    """Soft patch labels (T, C, h, w) -> label maps (T, H, W), each channel rescaled to [0, 1] as the
+    official norm_mask; resized to `size` (the original frame size) when given."""
     up = F.interpolate(soft, scale_factor=patch_size, mode="bilinear", align_corners=False)
     lo, hi = up.amin((2, 3), keepdim=True), up.amax((2, 3), keepdim=True)
     up = torch.where(hi > 0, (up - lo) / (hi - lo).clamp(min=1e-12), up)
@@ -586,8 +583,7 @@ def show(ax, x, **imshow):
     rescaled to [0, 1]; or an array (H, W[, 3]) drawn with imshow's keywords."""
     if torch.is_tensor(x):
         if x.dtype != torch.uint8:
-            x = x.float()
-            x = (x - x.min()) / (x.max() - x.min() + 1e-8)
+            x = (x.float() - x.min()) / (x.max() - x.min() + 1e-8)
         x = x.cpu().permute(1, 2, 0).numpy()
     ax.imshow(x, **imshow)
     ax.set_xticks([]), ax.set_yticks([])
