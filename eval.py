@@ -1,4 +1,5 @@
-"""Evaluation of a pretrained backbone: ours or an official DINO / DINOv2 / SimDINO one.
+"""Evaluation of a pretrained backbone: ours or an official DINO / DINOv2 / SimDINO one
+(docs/EVALUATION.md: each protocol, the checkpoints it reads, the numbers measured).
 
     python eval.py knn --checkpoint runs/dino/checkpoint.pth [--baselines]
     python eval.py linear --checkpoint runs/dino/checkpoint.pth [--fast | --epochs 100]
@@ -7,20 +8,12 @@
     python eval.py knn --checkpoint dinov2_vits14_reg4_pretrain.pth --data imagefolder --data_path DIR
     python eval.py seg|video|retrieval|copydetection|discover --checkpoint runs/dino/checkpoint.pth [--data_path DIR]
 
-k-NN (DINO, Caron et al. 2021, §4.1 and the official `eval_knn.py`): the teacher backbone's CLS
-features of the train split (the memory bank) and of the held-out split, L2-normalised; each
-held-out image votes over its k = 20 nearest train images (cosine similarity s), each vote
-weighted by exp(s / T) with T = 0.07; top-1 and top-5 accuracy. Features are extracted in shards
-under torchrun and gathered. `--baselines` also runs the same k-NN on raw pixels and on a randomly
-initialised ViT of the same architecture: what self-supervised learning has to beat.
-
-Linear probe (DINO §4.1, `eval_linear.py`): a linear layer on frozen features, SGD with
-augmentation for `--epochs`; `--fast` fits a logistic regression on precomputed features instead.
-Checkpoints are read with weights_only=True and mapped key for key (`backbone_state`).
-
-seg, video, retrieval, copydetection, discover: the papers' other evaluations (tasks.py, where
-the protocols and the real datasets' layouts are written down); `--baselines` runs each on a
-randomly initialised ViT of the same architecture too.
+knn: DINO's weighted k-NN (§4.1, the official eval_knn.py) on the teacher's CLS features, sharded
+under torchrun; `--baselines` also on raw pixels and on a randomly initialised ViT of the same
+architecture, what self-supervised learning has to beat. linear: DINO's linear probe
+(eval_linear.py); `--fast` a logistic regression on precomputed features. attention, pca, curves:
+pictures. seg ... discover: the papers' other evaluations (tools/tasks.py, below; `--baselines`
+runs each on a random ViT too).
 """
 import argparse
 import json
@@ -95,7 +88,8 @@ def feature_stats(features):
 def collapse_check(backbone, dataset, size, device, n=1024):
     """feature_stats of a backbone's CLS on the first n images of a dataset (train mode kept)."""
     was_training = backbone.training
-    feats, _ = extract_features(backbone.eval(), data_lib.subset(dataset, range(min(n, len(dataset)))), size, device)
+    subset = data_lib.subset(dataset, range(min(n, len(dataset))))
+    feats, _ = extract_features(backbone.eval(), subset, size, device)
     backbone.train(was_training)
     return feature_stats(feats)
 
@@ -237,10 +231,9 @@ def logistic_regression(ftr, ytr, fte, yte, num_classes, weight_decays=(1e-6, 1e
     return _accuracy(fit(ftr, ytr, best)(fte), yte), best
 
 
-# Each task's default resolution (--image_size overrides): (real data, synthetic data). On real data
-# the official one: 512 ADE20K, 480 DAVIS and COCO, 224 retrieval, 320 copy detection. Synthetic:
-# dense tasks at 64 px (video 128: at 64 px the shapes are 2 x 2 patches of 8), whole-image
-# features (None) at the training resolution.
+# Each task's default resolution, (real data, synthetic data); --image_size overrides. Real: the
+# official one. Synthetic: 64 px for dense tasks (video 128: at 64 px the shapes are 2 x 2 patches
+# of 8), whole-image features (None) at the training resolution.
 TASK_SIZES = {"seg": (512, 64), "video": (480, 128), "discover": (480, 64), "retrieval": (224, None),
               "copydetection": (320, None)}
 
@@ -344,9 +337,8 @@ def load_backbone(path, device, key="teacher", arch=None, patch_size=None):
         cfg = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else None
         if cfg is not None:  # ours: the config names the model
             kw = dict(arch=cfg["arch"], patch_size=cfg["patch_size"], img_size=cfg["global_crops_size"],
-                      num_register_tokens=cfg.get("num_register_tokens", 0),
+                      num_register_tokens=cfg.get("num_register_tokens", 0), use_mask_token="mask_token" in state,
                       layerscale=cfg.get("layerscale") or None, ffn_layer=cfg.get("ffn_layer", "mlp"),
-                      use_mask_token="mask_token" in state,
                       interpolate_offset=cfg.get("interpolate_offset", 0.1),
                       interpolate_antialias=cfg.get("interpolate_antialias", False))
         else:
@@ -525,11 +517,8 @@ def evaluate(args, device):
     cfg, p = cfg or {}, backbone.patch_size
     arch = cfg.get("arch") or infer_vit(backbone.state_dict())["arch"]
     trained = cfg.get("global_crops_size") or p * math.isqrt(backbone.pos_embed.shape[1] - 1)
-    size = trained
-    if args.command in tasks.TASKS:
-        real, synthetic = TASK_SIZES[args.command]
-        size = max(p, (real if args.data_path else synthetic or trained) // p * p)
-    size = args.image_size or size
+    real, synthetic = TASK_SIZES.get(args.command, (trained, trained))   # knn, linear, pictures: as trained
+    size = args.image_size or max(p, (real if args.data_path else synthetic or trained) // p * p)
     if size % p:
         raise ValueError(f"--image_size {size} is not divisible by the patch size {p}")
     if args.command in tasks.TASKS:

@@ -1,7 +1,7 @@
 """The four methods side by side: same data, arch, crops, epochs, batch and seed (each method's
 `synthetic` preset, which all share dino.py's recipe), the same k-NN protocol, the two baselines.
 
-    python tools/compare.py                                   # synthetic data, 10 epochs each (~35 min on 2 cores)
+    python tools/compare.py                                   # synthetic data, 10 epochs each
     python tools/compare.py --data fashion-mnist --global_crops_size 28 --local_crops_size 14 --patch_size 7
     python tools/compare.py --epochs 30 --output_dir runs/compare30
 

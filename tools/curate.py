@@ -1,17 +1,11 @@
 """Data curation as DINOv2 builds LVD-142M (Oquab et al. 2023, arXiv 2304.07193, §3 "Data
-Processing" and Appendix A), at laptop scale: tens of thousands of images, plain torch.
-
-  1. embed      the curated images and the uncurated pool with a pretrained backbone
-                (CLS token, L2-normalised: cosine similarity is a dot product);
-  2. dedup      self-deduplication: link pool images whose similarity is above --dedup_threshold
-                among their --dedup_k nearest neighbours, keep one image per connected component;
-                relative deduplication: drop pool images above --exclude_threshold to any image of
-                --exclude (a benchmark's test set you will evaluate on);
-  3. retrieve   sample-based retrieval: the --neighbours nearest kept pool images of each curated
-                image (paper: "typically 4");
-  4. write      the curated images and the retrieved ones as a file list (path, tab, class; a
-                retrieved image gets the class of the curated image it was retrieved for), which
-                `--data list --data_path FILE` trains on.
+Processing" and Appendix A), at laptop scale: tens of thousands of images, plain torch
+(docs/SCALING.md). It embeds a curated set and an uncurated pool with a pretrained backbone;
+deduplicates the pool (one image per connected component of copies above --dedup_threshold among
+each image's --dedup_k nearest neighbours; none above --exclude_threshold to an --exclude image,
+a benchmark's test set); retrieves the --neighbours nearest kept pool images of each curated image
+(paper: "typically 4"); and writes both as a file list (path, tab, class: a retrieved image takes
+its curated image's class) that `--data list --data_path FILE` trains on.
 
 What differs from the paper, for size: one backbone (any checkpoint eval.py reads) embeds and
 deduplicates, where the paper deduplicates with the copy-detection model SSCD (Pizzi et al. 2022,

@@ -1,10 +1,6 @@
 """The papers' other evaluations of frozen features, run by eval.py:
 
-    python eval.py seg --checkpoint runs/dino/checkpoint.pth            # linear segmentation: mIoU, mAcc
-    python eval.py video --checkpoint runs/dino/checkpoint.pth          # label propagation: J&F
-    python eval.py retrieval --checkpoint runs/dino/checkpoint.pth      # ranked retrieval: mAP
-    python eval.py copydetection --checkpoint runs/dino/checkpoint.pth  # copy detection: mAP
-    python eval.py discover --checkpoint runs/dino/checkpoint.pth       # normalized cut boxes: AP50 / AP75 / AP
+    python eval.py seg|video|retrieval|copydetection|discover --checkpoint runs/dino/checkpoint.pth
 
 Without --data_path each task draws its own offline data from data.py's shapes: 64 px scenes of
 three shapes of different classes with per-pixel masks and boxes (seg, discover), 16-frame clips of
