@@ -111,11 +111,17 @@ class DINOv2Config(dino.DINOConfig, MaskedViTFlags):
     koleo_loss_weight: float = flag(0.1, "λ_KoLeo")
     distill_from: str = flag("", "§5 distillation: a dinov2.py checkpoint whose (larger) teacher, frozen, teaches "
                                  "this student; no masking, no stochastic depth, iBOT on every patch")
+    official_epoch_length: int = flag(1250, "OFFICIAL_EPOCH_LENGTH: the iterations of an epoch, the unit of every "
+                                            "schedule and of --epochs, whatever the batch (1,250: one ImageNet-1k "
+                                            "pass at batch 1,024); 0: one pass over the data")
+
+    def epoch_length(self, steps_per_pass):
+        return self.official_epoch_length or steps_per_pass
 
     def check(self):
         super().check()
         self.check_masked_vit()
-        self.check_nonnegative("koleo_loss_weight")
+        self.check_nonnegative("koleo_loss_weight", "official_epoch_length")
         need(self.koleo_loss_weight == 0 or self.batch_size_per_gpu >= 2,
              "KoLeo needs at least 2 images per process (--batch_size_per_gpu >= 2, or --koleo_loss_weight 0)")
 
@@ -127,9 +133,13 @@ PRESETS = {
     # the 4-block ViT-pico starts as an identity map whose CLS ignores the image, the DINO term falls
     # to the uniform teacher (loss ln K) before the blocks wake up and never leaves it, and k-NN
     # falls in the second half of the run (docs/RESULTS.md).
-    "synthetic": dict(train_lib.SYNTHETIC, out_dim=1024, warmup_teacher_temp_epochs=3, lr=0.004, layerscale=0.0),
+    # An epoch is a pass over the data here (official_epoch_length 0): 1,250 steps would be 8 passes.
+    "synthetic": dict(train_lib.SYNTHETIC, out_dim=1024, warmup_teacher_temp_epochs=3, lr=0.004, layerscale=0.0,
+                      official_epoch_length=0),
     # ssl_default_config.yaml: ViT-L/16, ImageNet-1k, batch 64 per GPU, 100 epochs, in bf16.
-    "imagenet": dict(data="imagefolder", precision="bf16", output_dir="runs/dinov2_imagenet"),
+    # k-NN after the last epoch only (the official loop evaluates after training; a full ImageNet
+    # k-NN costs about a training epoch).
+    "imagenet": dict(data="imagefolder", precision="bf16", eval_every=100, output_dir="runs/dinov2_imagenet"),
 }
 
 
@@ -139,13 +149,15 @@ PRESETS = {
 def koleo_loss(x, eps=1e-8):
     """DINOv2 §4, "KoLeo regularizer" (Sablayrolles et al. 2019): ℒ_koleo = −(1/n)·Σᵢ log d_n,i,
     d_n,i = ‖x_i − x_nn(i)‖ on L2-normalised x (B, D),
-    nn(i) the nearest other point; in fp32 (official KoLeoLoss, PairwiseDistance's eps included)."""
-    x = F.normalize(x.float(), dim=-1, eps=eps)
-    dots = x @ x.T
-    dots.fill_diagonal_(-1)                       # never one's own neighbour
-    nn_index = dots.argmax(dim=1)                 # nearest = largest dot product on the sphere
-    distance = (x - x[nn_index] + eps).norm(dim=-1)   # d_n,i = min_{j≠i} ‖xᵢ − xⱼ‖
-    return -torch.log(distance + eps).mean()          # ℒ_koleo = −(1/n)·Σᵢ log d_n,i
+    nn(i) the nearest other point; in fp32, autocast off (official KoLeoLoss, PairwiseDistance's eps
+    included): a bf16 dot product would pick wrong neighbours among close points."""
+    with torch.autocast(x.device.type, enabled=False):
+        x = F.normalize(x.float(), dim=-1, eps=eps)
+        dots = x @ x.T
+        dots.fill_diagonal_(-1)                       # never one's own neighbour
+        nn_index = dots.argmax(dim=1)                 # nearest = largest dot product on the sphere
+        distance = (x - x[nn_index] + eps).norm(dim=-1)   # d_n,i = min_{j≠i} ‖xᵢ − xⱼ‖
+        return -torch.log(distance + eps).mean()          # ℒ_koleo = −(1/n)·Σᵢ log d_n,i
 
 
 def ibot_loss(student_patch_out, teacher_patch_probs, weights, n_images, student_temp):
@@ -219,7 +231,10 @@ def param_groups(student, layerwise_decay, patch_embed_lr_mult):
     """AdamW groups as DINOv2's get_params_groups_with_decay: lr multiplier ρ^(L+1−layer) with
     layer 0 for the patch embedding, position embedding and tokens, i+1 for block i, L+1 for the
     final norm and the heads; ×patch_embed_lr_mult on the patch embedding; no weight decay on
-    biases, norms and LayerScale gammas; the prototypes tagged for the first-epoch freeze."""
+    biases, norms and LayerScale gammas; gradients clipped to one norm per student submodule
+    (backbone, DINO head, iBOT head: official clip_grad_norm_ of each); the prototypes frozen in the
+    first epoch by a learning rate of 0 (official last_layer_lr_schedule), their gradients still
+    counted by AdamW and the clip."""
     L = len(student.backbone.blocks)
 
     def lr_mult(name):
@@ -230,7 +245,8 @@ def param_groups(student, layerwise_decay, patch_embed_lr_mult):
             elif ".blocks." in name:
                 layer = int(name.split(".blocks.")[1].split(".")[0]) + 1
         return layerwise_decay ** (L + 1 - layer) * (patch_embed_lr_mult if "patch_embed" in name else 1.0)
-    return dino.param_groups(student, lr_mult, no_decay=lambda name, p: "norm" in name or "gamma" in name)
+    return dino.param_groups(student, lr_mult, no_decay=lambda name, p: "norm" in name or "gamma" in name,
+                             clip_group=lambda name: name.split(".")[0], freeze="lr")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,7 +261,7 @@ def student_and_teacher(cfg, make_head, mask_token=True):
                              layerscale=cfg.layerscale or None, num_register_tokens=cfg.num_register_tokens,
                              ffn_layer=cfg.ffn_layer, use_mask_token=mask_token, attn_backend=cfg.attn_backend,
                              interpolate_offset=cfg.interpolate_offset, efficient_drop_path=cfg.efficient_drop_path,
-                             interpolate_antialias=cfg.interpolate_antialias)
+                             interpolate_antialias=cfg.interpolate_antialias, cls_token_std=1e-6)
         return DINOv2Net(backbone, make_head(), make_head() if cfg.ibot_separate_head else None)
     return dino.student_and_teacher(net, cfg.drop_path_rate)
 

@@ -51,9 +51,12 @@ class SimDINOv2Config(simdino.SimDINOConfig, dinov2.MaskedViTFlags):
     eps: float = flag(0.05, "ε² of the coding rate (official simdino_config.yaml: 0.05)")
     lr: float = flag(0.004, "peak lr for a global batch of 1024, scaled as lr·√(B/1024)")
     lr_scaling: str = flag("sqrt", "linear: lr·B/256 (DINO) | sqrt: lr·√(B/1024) (DINOv2)", ("linear", "sqrt"))
-    global_crops_scale: tuple = flag((0.32, 1.0), "area range of global crops")
+    batch_size_per_gpu: int = flag(128, "images per GPU (per process) and step (official ssl_default_config.yaml)")
+    global_crops_scale: tuple = flag((0.4, 1.0), "area range of global crops (official: 0.4, not DINOv2's 0.32)")
     local_crops_number: int = flag(10, "number of local crops (official ssl_default_config.yaml: 10)")
-    local_crops_scale: tuple = flag((0.05, 0.32), "area range of local crops")
+    local_crops_scale: tuple = flag((0.05, 0.4), "area range of local crops (official: 0.4, not DINOv2's 0.32)")
+    interpolate_offset: float = flag(0.0, "position-embedding resize: offset in the scale factor (official: 0)")
+    interpolate_antialias: bool = flag(True, "position-embedding resize with antialiasing (official: true)")
     output_dir: str = flag("runs/simdinov2", "checkpoint.pth, config.json, log.jsonl go here; resumed if present")
 
     def check(self):
@@ -66,9 +69,9 @@ PRESETS = {
     # The default CPU run (train.SYNTHETIC, the same for the four methods) with SimDINO's eps (see
     # simdino.py) and DINOv2's lr; registers and LayerScale as official.
     "synthetic": dict(train_lib.SYNTHETIC, eps=0.05, lr=0.004),
-    # simdino_config.yaml with the ViT-B/16 training config (vitb16.yaml), in bf16.
-    "imagenet": dict(data="imagefolder", arch="vit_base", patch_size=16, precision="bf16",
-                     output_dir="runs/simdinov2_imagenet"),
+    # The official README's command: simdino_config.yaml alone (ViT-L/16, 128 per GPU on 8 GPUs), in
+    # bf16; k-NN after the last epoch only (as dino.py's).
+    "imagenet": dict(data="imagefolder", precision="bf16", eval_every=100, output_dir="runs/simdinov2_imagenet"),
 }
 
 

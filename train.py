@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import dataclasses
 from dataclasses import dataclass
+import itertools
 import json
 import math
 import os
@@ -157,6 +158,12 @@ class TrainConfig:
         elif self.data_path:
             need(os.path.isdir(self.data_path), f"--data_path {self.data_path!r} does not exist or is not a directory")
 
+    def epoch_length(self, steps_per_pass):
+        """Steps in one epoch, the unit of every schedule, of --epochs and of the per-epoch work
+        (log line, k-NN, checkpoint): DINO's is one pass over the data; a method whose official code
+        counts epochs otherwise overrides this (DINOv2: OFFICIAL_EPOCH_LENGTH iterations)."""
+        return steps_per_pass
+
     def check_nonnegative(self, *names):
         for name in names:
             need(getattr(self, name) >= 0, f"--{name} must be >= 0, got {getattr(self, name)}")
@@ -238,13 +245,44 @@ def clip_gradients(params, clip):
     return norms
 
 
-def drop_last_layer_gradients(groups):
-    """DINO's last-layer freeze (official cancel_gradients_last_layer): the prototypes get no
-    update in the first --freeze_last_layer epochs."""
+def clip_together(params, clip):
+    """Official DINOv2 clipping (clip_grad_norm_ of each student submodule): one norm over all the
+    gradients, all scaled by the same factor. Returns the per-parameter norms before clipping."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norms = torch._foreach_norm(grads)
+    if clip and grads:
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        torch._foreach_mul_(grads, torch.clamp(clip / (total + 1e-6), max=1.0))
+    return norms
+
+
+def clip_groups(groups, clip):
+    """Clip as each param group says: groups without a `clip_group` per parameter (DINO), those
+    that share one together (DINOv2: backbone, DINO head, iBOT head). Returns the per-parameter
+    norms before clipping, in the order of the groups' parameters that have a gradient."""
+    together = {}
     for g in groups:
-        if g["is_last_layer"]:
+        if g.get("clip_group"):
+            together.setdefault(g["clip_group"], []).extend(g["params"])
+    norms = {}
+    for g in groups:
+        if not g.get("clip_group"):
+            norms.update(zip([id(p) for p in g["params"] if p.grad is not None], clip_gradients(g["params"], clip)))
+    for params in together.values():
+        norms.update(zip([id(p) for p in params if p.grad is not None], clip_together(params, clip)))
+    return [norms[id(p)] for g in groups for p in g["params"] if p.grad is not None]
+
+
+def freeze_last_layer(groups):
+    """The last-layer freeze of the first --freeze_last_layer epochs, as each group says: "grad",
+    DINO's cancel_gradients_last_layer (the prototypes get no gradient, AdamW skips them); "lr",
+    DINOv2's last-layer lr of 0 (their gradients still enter AdamW's moments and the clip norm)."""
+    for g in groups:
+        if g["is_last_layer"] and g.get("freeze", "grad") == "grad":
             for p in g["params"]:
                 p.grad = None
+        elif g["is_last_layer"]:
+            g["lr"] = 0.0
 
 
 def adamw(groups, device):
@@ -440,7 +478,11 @@ def start(cfg):
 def resumable_checkpoint(cfg, ckpt_path):
     """The checkpoint to resume from, or None for a fresh start. A checkpoint of a run with another
     config is an error (unless --overwrite); flags added since it was written count as their defaults."""
-    if not ckpt_path.exists():
+    found = dist.all_gather_object(ckpt_path.exists())
+    need(all(found) or not any(found), f"--output_dir {ckpt_path.parent} is not shared by all ranks (ranks "
+         f"{[r for r, f in enumerate(found) if f]} see a checkpoint, the others do not): on several nodes it "
+         f"must be one folder on a shared file system")
+    if not found[0]:
         return None
     resume = load_checkpoint(ckpt_path)
     defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(cfg)}))
@@ -500,6 +542,17 @@ def augmentation(cfg, train_set, epoch):
     if isinstance(train_set, data_lib.FolderImages):  # crops are cut in the workers
         train_set.crops = augment.crop_plan()
     return augment
+
+
+def batches(loader, start, stop):
+    """The training batches of the global steps start, ..., stop − 1, pass after pass over the data
+    (each pass in its own seeded order, Loader.epoch): an epoch need not be one pass."""
+    step = start
+    while step < stop:
+        data_pass, first = divmod(step, len(loader))
+        for images, _ in itertools.islice(loader.epoch(data_pass, first), stop - step):
+            yield images
+        step = min(stop, (data_pass + 1) * len(loader))
 
 
 def to_device(images, device):
@@ -582,7 +635,7 @@ def train(cfg, Method):
     resume = resumable_checkpoint(cfg, ckpt_path)
     train_set, eval_set = data_lib.load_dataset(cfg.data, cfg.data_path, eval_size=cfg.global_crops_size)
     loader = make_loader(cfg, train_set, eval_set, device)
-    steps_per_epoch = len(loader)
+    steps_per_epoch = cfg.epoch_length(len(loader))
 
     method = Method(cfg, steps_per_epoch).to(device)
     groups = method.param_groups()
@@ -614,10 +667,10 @@ def train(cfg, Method):
     last_step = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     t0, seen, last_save, top1 = time.time(), 0, time.time(), None
     while step < last_step:
-        epoch, first = divmod(step, steps_per_epoch)
+        epoch = step // steps_per_epoch
         augment = augmentation(cfg, train_set, epoch)
         method.train()
-        for images, _ in loader.epoch(epoch, first):
+        for images in batches(loader, step, min(last_step, (epoch + 1) * steps_per_epoch)):
             # The step of the papers' Algorithm 1: schedules, crops, loss, backward, clip, freeze, AdamW, EMA.
             sched = schedules(cfg, step, steps_per_epoch)
             for g in optimizer.param_groups:
@@ -629,11 +682,11 @@ def train(cfg, Method):
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            norms = clip_gradients(params, cfg.clip_grad)
+            norms = clip_groups(groups, cfg.clip_grad)
             if not scaler.is_enabled():
                 check_gradients(params, norms, names, loss, step, ckpt_path)
             if epoch < cfg.freeze_last_layer:
-                drop_last_layer_gradients(groups)
+                freeze_last_layer(optimizer.param_groups)
             scaler.step(optimizer)
             scaler.update()
             ema_update(dist.unwrap(method.student), method.teacher, sched["momentum"])
@@ -646,9 +699,8 @@ def train(cfg, Method):
                 eta = (last_step - step) * cfg.batch_size_per_gpu * dist.world_size() / max(rate, 1e-9)
                 dist.print0(f"epoch {epoch} step {step}/{last_step} " + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
                             + f" lr {sched['lr']:.2e} | {rate:.0f} img/s, eta {eta / 60:.1f} min")
-            if step == last_step or step % steps_per_epoch == 0:
-                break
-            if cfg.checkpoint_minutes and time.time() - last_save > 60 * cfg.checkpoint_minutes:
+            minutes = (time.time() - last_save) / 60
+            if step < last_step and step % steps_per_epoch and cfg.checkpoint_minutes and minutes > cfg.checkpoint_minutes:
                 save(epoch)  # within the epoch (long epochs): resumes at this step
                 last_save = time.time()
 

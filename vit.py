@@ -161,7 +161,7 @@ class VisionTransformer(nn.Module):
                  num_heads=6, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0,
                  num_register_tokens=0, layerscale=None, use_mask_token=False, attn_backend="sdpa",
                  ffn_layer="mlp", drop_path_uniform=False, interpolate_offset=0.1, interpolate_antialias=False,
-                 efficient_drop_path=False):
+                 efficient_drop_path=False, cls_token_std=0.02):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by the patch size {patch_size}")
@@ -187,12 +187,13 @@ class VisionTransformer(nn.Module):
                   efficient_drop_path)
             for i in range(depth))
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
-        self.init_weights()
+        self.init_weights(cls_token_std)
 
-    def init_weights(self):
+    def init_weights(self, cls_token_std=0.02):
         """Official DINO init: truncated normal (std 0.02) for Linear weights, position embedding
         and CLS token; zero biases; LayerNorm 1 / 0; patch-embedding conv left at PyTorch's default.
-        Registers as DINOv2 (normal, std 1e-6); the mask token starts at zero."""
+        DINOv2's CLS token (cls_token_std 1e-6) and registers: normal, std 1e-6; the mask token
+        starts at zero."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)
@@ -202,7 +203,7 @@ class VisionTransformer(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=cls_token_std)   # at 1e-6 the cut at ±2 is DINOv2's normal
         if self.register_tokens is not None:
             nn.init.normal_(self.register_tokens, std=1e-6)
 

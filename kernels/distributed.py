@@ -68,11 +68,12 @@ def cleanup():
 
 
 def seed_everything(seed):
-    """Seed Python, NumPy and torch, offset by the rank (different augmentations per rank)."""
-    s = seed + rank()
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)
+    """Seed Python, NumPy and torch with the same seed on every rank, so that the model starts
+    the same everywhere: DDP broadcasts the student's weights, not the teacher's. What must differ
+    per rank (crops, masks, stochastic depth) is seeded per step and rank by the training loop."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def all_reduce_sum(x):
@@ -95,6 +96,15 @@ def all_gather_cat(x):
     out = [torch.zeros_like(padded) for _ in range(world_size())]
     dist.all_gather(out, padded)
     return torch.cat([o[:int(s.item())] for o, s in zip(out, sizes)])
+
+
+def all_gather_object(obj):
+    """The list of every rank's Python object ([obj] in one process)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def broadcast_object(obj):

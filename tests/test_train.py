@@ -92,3 +92,72 @@ def test_summary_line_puts_the_knn_next_to_the_cached_baselines(tmp_path, monkey
     train.summary(DINOConfig(**{**PRESETS["synthetic"], "arch": "vit_nano"}), object(), 40.0, images, images[:4], cpu)
     assert calls == ["vit_pico", "vit_nano"]            # another architecture: its own baselines
     assert "no k-NN" in train.summary(cfg, object(), None, images, images[:4], cpu)
+
+
+def test_an_epoch_is_what_each_methods_official_code_counts():
+    """DINO, SimDINO and SimDINOv2 (OFFICIAL_EPOCH_LENGTH -1: len(dataset) // batch) count passes
+    over the data; DINOv2 counts OFFICIAL_EPOCH_LENGTH = 1,250 iterations, whatever the batch."""
+    import dinov2
+    import simdino
+    import simdinov2
+    assert DINOConfig().epoch_length(7) == simdino.SimDINOConfig().epoch_length(7) == 7
+    assert simdinov2.SimDINOv2Config().epoch_length(7) == 7
+    assert dinov2.DINOv2Config().epoch_length(7) == 1250
+    assert dinov2.DINOv2Config(official_epoch_length=0).epoch_length(7) == 7
+
+
+def test_batches_run_on_across_passes_over_the_data():
+    """An epoch longer than a pass: the steps' batches are those of pass after pass, each in its
+    own seeded order, and resuming at any step gives the same batches."""
+    import data
+    ds = data.TensorImages(torch.arange(10).view(10, 1, 1, 1).expand(10, 3, 2, 2).to(torch.uint8),
+                           torch.arange(10), 10)
+    loader = data.Loader(ds, 3, seed=1)                              # 3 steps a pass (one image left out)
+    expected = [x for e in range(3) for x, _ in loader.epoch(e)]     # 9 steps
+    got = list(train.batches(loader, 2, 8))
+    assert len(got) == 6 and all(torch.equal(a, b) for a, b in zip(got, expected[2:8]))
+    assert not torch.equal(expected[0], expected[3])                 # each pass its own order
+
+
+def test_clipping_per_parameter_or_per_submodule():
+    """Groups without a clip_group: each parameter on its own (DINO); groups sharing one: one norm
+    over all their gradients, as torch.nn.utils.clip_grad_norm_ (DINOv2, per student submodule)."""
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.zeros(4)) for _ in range(4)]
+    grads = [torch.randn(4) * s for s in (1.0, 5.0, 0.1, 3.0)]
+    for p, g in zip(ps, grads):
+        p.grad = g.clone()
+    groups = [{"params": ps[:2]}, {"params": ps[2:3], "clip_group": "head"}, {"params": ps[3:], "clip_group": "head"}]
+    norms = train.clip_groups(groups, 1.0)
+    assert torch.allclose(torch.stack(norms), torch.stack([g.norm() for g in grads]))
+    assert abs(ps[0].grad.norm() - 1.0) < 1e-5 and abs(ps[1].grad.norm() - 1.0) < 1e-5   # each on its own
+    ref = [g.clone().requires_grad_() for g in grads[2:]]
+    for r, g in zip(ref, grads[2:]):
+        r.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(ref, 1.0)
+    assert all(torch.allclose(p.grad, r.grad) for p, r in zip(ps[2:], ref))             # together
+    assert abs(torch.cat([p.grad for p in ps[2:]]).norm() - 1.0) < 1e-5
+
+
+def test_last_layer_freeze_drops_gradients_for_dino_and_zeroes_the_lr_for_dinov2(tmp_path):
+    """During the first epoch the prototypes do not move. DINO (cancel_gradients_last_layer): no
+    gradient, so AdamW keeps no state for them. DINOv2 (last_layer_lr 0): gradients flow into
+    AdamW's moments (and the clip norm), the step is zero."""
+    import dino
+    import dinov2
+    from kernels import distributed
+    for recipe in (dino.RECIPE, dinov2.RECIPE):
+        cfg = train.config_cli(recipe.Config, recipe.presets, [
+            "--max_steps", "2", "--eval_every", "0", "--batch_size_per_gpu", "16", "--out_dim", "64",
+            "--output_dir", str(tmp_path / recipe.name)])
+        method = train.train(cfg, recipe.Method)
+        distributed.seed_everything(cfg.seed)
+        init = recipe.Method(cfg, 1).student.state_dict()     # the same seed: the initial weights
+        after = method.student.state_dict()
+        assert torch.equal(after["head.last_layer.weight_v"], init["head.last_layer.weight_v"]), recipe.name
+        assert not torch.equal(after["head.mlp.0.weight"], init["head.mlp.0.weight"])   # the rest learns
+        order = [n for g in method.param_groups() for n, p in method.student.named_parameters()
+                 if any(p is q for q in g["params"])]           # AdamW's state is indexed in this order
+        moments = torch.load(tmp_path / recipe.name / "checkpoint.pth", weights_only=True)["optimizer"]["state"]
+        last = [i for i, n in enumerate(order) if "last_layer" in n]
+        assert last and all((i in moments) == (recipe.name == "dinov2") for i in last), (recipe.name, last)
