@@ -562,7 +562,9 @@ def official_collate_masks(n, h, w, mask_ratio_tuple, mask_probability, g):
 
 
 def test_sample_masks_are_the_official_collate():
-    for n, grid, ratios, p in ((8, 4, (0.1, 0.5), 0.5), (10, 14, (0.1, 0.5), 0.5), (6, 6, (0.2, 0.4), 1.0)):
+    """Including ratios above 0.5, where the cap of half the patches per block shows."""
+    for n, grid, ratios, p in ((8, 4, (0.1, 0.5), 0.5), (10, 14, (0.1, 0.5), 0.5), (6, 6, (0.2, 0.4), 1.0),
+                               (6, 8, (0.5, 0.9), 1.0)):
         for seed in range(4):
             ours = data.sample_masks(n, grid, grid, ratios, p, torch.Generator().manual_seed(seed))
             ref = official_collate_masks(n, grid, grid, ratios, p, torch.Generator().manual_seed(seed))
