@@ -10,6 +10,7 @@ again); then OUTPUT_DIR/compare.md holds the table (k-NN top-1 / top-5 per metho
 minutes) and OUTPUT_DIR/curves.png the k-NN and loss curves. Extra flags go to every method.
 """
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -33,15 +34,13 @@ def main():
     args, flags = p.parse_known_args()
     rows, logs = [], []
     for name in args.methods:
-        module = __import__(name)
-        Config = next(v for k, v in vars(module).items() if k.endswith("Config") and k.lower().startswith(name))
-        Method = next(v for k, v in vars(module).items() if k.lower() == name and isinstance(v, type))
+        recipe = importlib.import_module(name).RECIPE
         out = os.path.join(args.output_dir, name)
-        cfg = train.config_cli(Config, module.PRESETS, flags + ["--output_dir", out])
+        cfg = train.config_cli(recipe.Config, recipe.presets, flags + ["--output_dir", out])
         print(f"=== {name} -> {out}", flush=True)
         t0 = time.time()
         try:
-            train.train(cfg, Method)
+            train.train(cfg, recipe.Method)
         except (train.ConfigError, data_lib.DataError, FloatingPointError) as e:
             sys.exit(f"error: {name}: {e}")
         records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
@@ -50,7 +49,7 @@ def main():
         logs.append(out)
         print(f"=== {name}: k-NN top-1 {knn[-1]['knn_top1']:.2f} ({(time.time() - t0) / 60:.1f} min this call)", flush=True)
     train_set, eval_set = data_lib.load_dataset(cfg.data, cfg.data_path, eval_size=cfg.global_crops_size)
-    base = eval_lib.baselines(cfg.arch, cfg.patch_size, train_set, eval_set, cfg.global_crops_size, torch.device("cpu"))
+    base = train.cached_baselines(cfg, train_set, eval_set, torch.device("cpu"))
     lines = [f"k-NN on `{cfg.data}` ({cfg.arch}/{cfg.patch_size}, {cfg.epochs} epochs, batch "
              f"{cfg.batch_size_per_gpu}, seed {cfg.seed}; `python tools/compare.py {' '.join(flags)}`)", "",
              "| features | k-NN top-1 | top-5 | training minutes |", "|---|---|---|---|"]
