@@ -45,7 +45,7 @@ VIT = ["tests/test_vit.py", "tests/test_dinov2.py", D + "test_pos_embed_resize_i
 FREEZE = ["tests/test_train.py", "tests/test_dino.py", D + "test_last_layer_is_frozen_for_the_first_epochs_only"]
 KNN = ["tests/test_checkpoints.py", D + "test_knn_votes_are_exp_of_cosine_over_T", D + "test_knn_equals_the_official_classifier"]
 V2LOSS = ["tests/test_dinov2.py", D + "test_sinkhorn_knopp_is_the_official_three_iterations",
-          D + "test_koleo_on_duplicated_points_is_the_officials",
+          D + "test_koleo_on_duplicated_points_is_the_officials", D + "test_koleo_in_fp32_under_autocast",
           D + "test_ibot_weights_are_one_over_the_masked_count_of_each_image"]
 MASKS = ["tests/test_dinov2.py", D + "test_block_masks_are_the_official_generator", D + "test_sample_masks_are_the_official_collate"]
 GLOBAL = ["tests/test_simdino.py", "tests/test_dino.py", "tests/test_dinov2.py", "tests/test_coding_rate.py",
@@ -111,6 +111,8 @@ MUTATIONS = [
     ("koleo-no-eps-in-distance", "dinov2.py", [("(x - x[nn_index] + eps).norm(dim=-1)", "(x - x[nn_index]).norm(dim=-1)")], V2LOSS),
     ("koleo-no-eps-in-log", "dinov2.py", [("-torch.log(distance + eps).mean()", "-torch.log(distance).mean()")], V2LOSS),
     ("koleo-self-as-neighbour", "dinov2.py", [("dots.fill_diagonal_(-1)", "dots.fill_diagonal_(0)")], V2LOSS),
+    ("koleo-under-autocast", "dinov2.py", [("with torch.autocast(x.device.type, enabled=False):\n        x = F.normalize",
+                                            "with torch.autocast(x.device.type, enabled=True):\n        x = F.normalize")], V2LOSS),
     ("koleo-not-normalised", "dinov2.py", [("x = F.normalize(x.float(), dim=-1, eps=eps)", "x = x.float()")], V2LOSS),
     ("ibot-weights-global-count", "dinov2.py", [("(1.0 / masks.sum(-1).clamp(min=1))", "(1.0 / masks.sum().clamp(min=1))")], V2LOSS),
     ("ibot-weights-uniform", "dinov2.py", [("(1.0 / masks.sum(-1).clamp(min=1))", "(1.0 + 0 * masks.sum(-1))")], V2LOSS),

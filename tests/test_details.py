@@ -457,6 +457,20 @@ def test_koleo_on_duplicated_points_is_the_officials():
         torch.testing.assert_close(dinov2.koleo_loss(z), official_koleo(z), rtol=1e-6, atol=1e-6)
 
 
+def test_koleo_in_fp32_under_autocast():
+    """The official KoLeoLoss runs with autocast off: with bf16 dot products, two candidate
+    neighbours at 0.05 and 0.06 rad (cosines 0.99875 and 0.9982, one bf16 value) tie and the
+    farther one, first in order, would be taken."""
+    angle = lambda a, axis: torch.tensor([math.cos(a), math.sin(a) * (axis == 1), math.sin(a) * (axis == 2)])
+    x = torch.stack([angle(0.0, 1), angle(0.06, 1), angle(0.05, 2), angle(2.0, 1)])
+    fp32 = dinov2.koleo_loss(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = dinov2.koleo_loss(x)
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, fp32, rtol=0, atol=1e-6)
+    torch.testing.assert_close(fp32, official_koleo(x), rtol=0, atol=1e-6)
+
+
 def test_ibot_weights_are_one_over_the_masked_count_of_each_image():
     """dinov2/data/collate.py: masks_weight = (1 / M.sum(-1).clamp(min=1)).unsqueeze(-1)
     .expand_as(M)[M], one weight per masked patch, in the order of M's masked entries."""
