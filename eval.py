@@ -72,11 +72,9 @@ def knn_classify(train_features, train_labels, test_features, test_labels, k=20,
 
 @torch.no_grad()
 def feature_stats(features):
-    """Collapse signs of features (N, D): `feat_std`, the per-dimension std of the L2-normalised
-    features averaged over dimensions and times √D (SimSiam's measure, scaled: about 1 when the
-    features spread over the sphere, 0 when every image maps to one point); `feat_rank`, the
-    effective rank exp(entropy of the normalised singular values) of the centred features
-    (Roy & Vetterli 2007): from 1 (one direction) to D."""
+    """Collapse signs of features (N, D): `feat_std`, SimSiam's per-dimension std of the L2-normalised
+    features times √D (about 1 spread over the sphere, 0 all on one point); `feat_rank`, the
+    effective rank of the centred features (Roy & Vetterli 2007), from 1 (one direction) to D."""
     z = F.normalize(features.double(), dim=1)
     std = z.std(dim=0).mean().item() * z.shape[1] ** 0.5
     s = torch.linalg.svdvals(z - z.mean(0))
@@ -148,10 +146,8 @@ def probe_recipe(backbone):
 
 def linear_probe(backbone, train_set, eval_set, size, device, n_last_blocks, avgpool, epochs=100,
                  batch_size=128, lr=0.001, seed=0, num_workers=0):
-    """A linear classifier on the frozen backbone, as eval_linear.py: random-resized crops (scale
-    0.08-1) and flips, SGD with momentum 0.9 and no weight decay, lr = lr·B/256 (B the global
-    batch) with cosine decay to 0 over the epochs; weights N(0, 0.01²), bias 0. Evaluated once
-    after the last epoch on the held-out split (the official script prints the best epoch's)."""
+    """A linear classifier on the frozen backbone, trained as eval_linear.py (lr = lr·B/256, B the
+    global batch); evaluated once, after the last epoch (the official script prints the best one's)."""
     train_set, eval_set = _labelled(train_set), _labelled(eval_set)
     backbone.eval()
     feats = lambda x: probe_features(backbone, x, n_last_blocks, avgpool)
@@ -203,10 +199,9 @@ def _accuracy(logits, labels):
 
 
 def logistic_regression(ftr, ytr, fte, yte, num_classes, weight_decays=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2), iters=200):
-    """The fast mode: multinomial logistic regression on precomputed features (standardised with
-    the train statistics), fitted by full-batch L-BFGS; the L2 weight is picked on a 10 % slice of
-    the train split, then the head is refitted on the whole split (as DINOv2's log_regression.py
-    sweeps its C). Returns ((top-1, top-5) on the held-out split, the chosen weight decay)."""
+    """The fast mode: logistic regression on standardised features by full-batch L-BFGS, its L2
+    weight picked on 10 % of the train split and refitted on all of it (as DINOv2's
+    log_regression.py sweeps its C) -> ((top-1, top-5) on the held-out split, the weight decay)."""
     mean, std = ftr.mean(0), ftr.std(0).clamp_min(1e-6)
     ftr, fte = (ftr - mean) / std, (fte - mean) / std
 

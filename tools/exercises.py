@@ -288,16 +288,17 @@ def main(argv=None):
     if args.solution:
         return 0 if run_tests(ex.tests, ROOT)[0] else 1
     dest = os.path.join(ROOT, "exercises", f"{n:02d}_{ex.name}")
+    yours = os.path.relpath(os.path.join(dest, ex.path))
     if args.reset and os.path.isdir(dest):
         shutil.rmtree(dest)
     if not os.path.isdir(dest):
         make_student_copy(n, dest)
         print(describe(n))
-        print(f"\nYour copy: {os.path.relpath(dest)}/ — write the body of {ex.function} in "
-              f"{os.path.relpath(os.path.join(dest, ex.path))}, then run this command again.\n")
+        print(f"\nYour copy: {os.path.relpath(dest)}/ — write the body of {ex.function} in {yours}, "
+              f"then run this command again.\n")
     passed = run_tests(ex.tests, dest)[0]
     print(f"\nexercise {n} ({ex.name}): " + ("solved — the tests pass" if passed else
-          f"not yet — edit {os.path.relpath(os.path.join(dest, ex.path))} and run `python tools/exercises.py {n}` again"))
+          f"not yet — edit {yours} and run `python tools/exercises.py {n}` again"))
     return 0 if passed else 1
 
 

@@ -324,7 +324,7 @@ def retrieval_data(data_path, size, g):
     ground truth gives Hard too."""
     if not data_path:
         base, _ = data_lib.make_synthetic(500, seed=3)
-        database = torch.cat([make_copies(base, g, strong=False) for _ in range(3)])  # view v of image i at v·500 + i
+        database = torch.cat([make_copies(base, g, strong=False) for _ in range(3)])  # view v of i at v·500 + i
         positives = [[i, 500 + i, 1000 + i] for i in range(200)]
         return database, make_copies(base[:200], g, strong=False), positives, None, None
     gnd_files = [f for f in os.listdir(data_path) if f.startswith("gnd_r") and f.endswith(".pkl")] \
@@ -490,7 +490,8 @@ def discovery_data(data_path, size, max_images=0):
         x = _read(os.path.join(data_path, "val2017", im["file_name"]))
         sx, sy = size / x.shape[-1], size / x.shape[-2]
         images.append(_resize(x, (size, size)))
-        gts.append(torch.tensor(boxes.get(im["id"], []), dtype=torch.float32).view(-1, 4) * torch.tensor([sx, sy] * 2))
+        gt = torch.tensor(boxes.get(im["id"], []), dtype=torch.float32).view(-1, 4)
+        gts.append(gt * torch.tensor([sx, sy] * 2))
     return torch.stack(images), gts
 
 
