@@ -18,6 +18,17 @@ Score = killed / (killed + survived). Before the mutations, all the targets run 
     python tests/mutations.py --only knn,sinkhorn   # the mutations whose id contains a word
     python tests/mutations.py --list                # the list, nothing run
 
+The same copy can instead be handed to mutmut (PyPI `mutmut`, 3.x; a development tool, not in
+requirements.txt), which mutates every expression of the named files and runs, for each mutant,
+the fast tests that cover the function it is in:
+
+    python -m pip install mutmut==3.8.1
+    python tests/mutations.py --mutmut                              # MUTMUT_FILES x MUTMUT_TESTS
+    python tests/mutations.py --mutmut --rev 025bf41 --mutmut_files dinov2.py
+
+Its score is killed / (killed + survived); mutants in functions no selected test runs are counted
+apart ("no tests"). Many of its survivors are equivalent (dim=-1 -> dim=+1 on a 2-D tensor).
+
 Test targets that do not exist in the copy (a test file added later, when scoring an older commit)
 are dropped; a mutation left with none is scored against nothing, i.e. it survives. Slow tests in
 the named files (torchrun, subprocess runs) are deselected (DESELECT) unless a mutation's targets
@@ -27,6 +38,7 @@ A run of the whole list takes 20-40 minutes on 2 busy cores.
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -150,6 +162,61 @@ MUTATIONS = [
 ]
 
 
+# mutmut: the files it mutates and the fast tests it may run (each mutant: those covering it)
+# (not tests/test_coding_rate.py: mutmut 3.8 re-selects tests by id and mangles its non-ASCII ids
+# "n×n-side", so every mutant it runs them on counts as killed; kernels/coding_rate.py goes with it)
+MUTMUT_FILES = ["data.py", "vit.py", "dino.py", "simdino.py", "dinov2.py"]
+MUTMUT_TESTS = ["tests/test_data.py", "tests/test_vit.py", "tests/test_dino.py", "tests/test_simdino.py",
+                "tests/test_dinov2.py", "tests/test_train.py", "tests/test_details.py"]
+
+
+def run_mutmut(args, root):
+    """mutmut run in the copy (its mutants/ folder is made there), then its per-mutant results."""
+    files = args.mutmut_files.split(",") if args.mutmut_files else MUTMUT_FILES
+    tests = [t for t in MUTMUT_TESTS if os.path.exists(os.path.join(root, t))]
+    others = sorted(p for p in os.listdir(root) if (p.endswith(".py") and p not in files) or
+                    (os.path.isdir(os.path.join(root, p)) and p not in ("tests", ".ci") and not p.startswith(".")))
+    block = lambda items: "".join(f"\n    {x}" for x in items)
+    with open(os.path.join(root, "setup.cfg"), "w") as f:
+        f.write(f"[mutmut]\nsource_paths={block(files)}\nalso_copy={block(others)}\n"
+                f"pytest_add_cli_args_test_selection={block(tests)}\n"
+                f"pytest_add_cli_args={block(['-p', 'no:cacheprovider', '-k', DESELECT])}\n")
+    mutmut = [args.mutmut_bin] if args.mutmut_bin else [sys.executable, "-m", "mutmut"]
+    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    t0 = time.time()
+    run = subprocess.Popen([*mutmut, "run", "--max-children", str(args.jobs)], cwd=root, env=env,
+                           stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        run.wait(timeout=args.mutmut_timeout or None)
+    except subprocess.TimeoutExpired:   # stop it and its workers; the mutants not reached stay unchecked
+        os.killpg(run.pid, signal.SIGTERM)
+        run.wait()
+        print(f"mutmut stopped after {args.mutmut_timeout:.0f} s", flush=True)
+    out = subprocess.run([*mutmut, "results", "--all", "true"], cwd=root, env=env, capture_output=True, text=True).stdout
+    status = {}
+    for line in out.splitlines():
+        name, _, result = line.strip().rpartition(": ")
+        if name:
+            status[name] = result
+    counts = {}
+    for name, result in status.items():
+        module = name.split(".x")[0]
+        counts.setdefault(module, {}).setdefault(result, 0)
+        counts[module][result] += 1
+    print(f"| module | killed | survived | no tests | other |\n|---|---|---|---|---|")
+    total = {}
+    for module, c in sorted(counts.items()):
+        other = sum(v for k, v in c.items() if k not in ("killed", "survived", "no tests"))
+        print(f"| {module} | {c.get('killed', 0)} | {c.get('survived', 0)} | {c.get('no tests', 0)} | {other} |")
+        for k, v in c.items():
+            total[k] = total.get(k, 0) + v
+    killed, survived = total.get("killed", 0), total.get("survived", 0)
+    print(f"\nmutmut score: {killed}/{killed + survived} killed ({100 * killed / max(killed + survived, 1):.0f} %); "
+          f"{total.get('no tests', 0)} mutants in code no selected test runs; other: "
+          f"{ {k: v for k, v in total.items() if k not in ('killed', 'survived', 'no tests')} }; {time.time() - t0:.0f} s")
+    print("tests: " + " ".join(tests))
+
+
 def copy_repo(args, dest):
     """The files to mutate, into dest: a commit's (git archive) or a checkout's tracked files."""
     if args.rev:
@@ -194,7 +261,17 @@ def main():
     parser.add_argument("--only", default="", help="comma-separated words: the mutations whose id contains one")
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per pytest run")
+    parser.add_argument("--mutmut", action="store_true", help="run mutmut on the copy instead of the list")
+    parser.add_argument("--mutmut_files", default="", help="comma-separated files for mutmut (default MUTMUT_FILES)")
+    parser.add_argument("--mutmut_bin", default="", help="the mutmut executable (default: python -m mutmut)")
+    parser.add_argument("--jobs", type=int, default=2, help="mutmut's parallel workers")
+    parser.add_argument("--mutmut_timeout", type=float, default=0, help="stop mutmut after this many seconds")
     args = parser.parse_args()
+    if args.mutmut:
+        with tempfile.TemporaryDirectory(prefix="nanodino-mutmut-") as root:
+            copy_repo(args, root)
+            run_mutmut(args, root)
+        return
     words = [w for w in args.only.split(",") if w]
     chosen = [m for m in MUTATIONS if not words or any(w in m[0] for w in words)]
     if args.list:
