@@ -54,7 +54,8 @@ CROPS = ["tests/test_data.py", D + "test_each_crop_gets_the_official_probabiliti
 VIT = ["tests/test_vit.py", "tests/test_dinov2.py", D + "test_pos_embed_resize_is_the_official_one",
        D + "test_token_layout_is_dinov2s", D + "test_token_init",
        D + "test_layer_norms_have_the_official_eps"]
-FREEZE = ["tests/test_train.py", "tests/test_dino.py", D + "test_last_layer_is_frozen_for_the_first_epochs_only"]
+FREEZE = ["tests/test_train.py", "tests/test_dino.py", D + "test_last_layer_is_frozen_for_the_first_epochs_only",
+          D + "test_freeze_modes_dino_drops_gradients_dinov2_zeroes_the_lr"]
 KNN = ["tests/test_checkpoints.py", D + "test_knn_votes_are_exp_of_cosine_over_T", D + "test_knn_equals_the_official_classifier"]
 V2LOSS = ["tests/test_dinov2.py", D + "test_sinkhorn_knopp_is_the_official_three_iterations",
           D + "test_koleo_on_duplicated_points_is_the_officials", D + "test_koleo_in_fp32_under_autocast",
@@ -104,6 +105,9 @@ MUTATIONS = [
     ("freeze-by-step-not-epoch", "train.py", [("if epoch < cfg.freeze_last_layer:", "if step < cfg.freeze_last_layer:")], FREEZE),
     ("freeze-never", "train.py", [("if epoch < cfg.freeze_last_layer:", "if epoch < 0:")], FREEZE),
     ("freeze-one-epoch-too-many", "train.py", [("if epoch < cfg.freeze_last_layer:", "if epoch <= cfg.freeze_last_layer:")], FREEZE),
+    ("freeze-modes-swapped", "train.py", [('g.get("freeze", "grad") == "grad"', 'g.get("freeze", "grad") == "lr"')], FREEZE),
+    ("freeze-lr-mode-no-op", "train.py", [('            g["lr"] = 0.0\n', '            g["lr"] = g["lr"]\n')], FREEZE),
+    ("dinov2-freezes-by-gradient", "dinov2.py", [('freeze="lr")', 'freeze="grad")')], FREEZE),
     ("last-layer-untagged", "dino.py", [('last = "last_layer" in name', "last = False"),
                                         ('"last_layer" in name, lr_mult(name)', "False, lr_mult(name)")], FREEZE),
     ("last-layer-only-weight-v", "dino.py", [('last = "last_layer" in name', 'last = name.endswith("last_layer.weight_v")'),
