@@ -66,6 +66,7 @@ class SimDINOConfig(train_lib.TrainConfig):
     reduce_cov: int = flag(0, "1: all-reduce the covariances, the coding rate of the global batch; "
                               "0: of each rank's batch (official default)", (0, 1))
     output_dir: str = flag("runs/simdino", "checkpoint.pth, config.json, log.jsonl go here; resumed if present")
+    saveckp_freq: int = flag(10, "keep a numbered checkpoint every N epochs (0: never; official simdino: 10)")
 
     def check(self):
         super().check()

@@ -58,6 +58,9 @@ class SimDINOv2Config(simdino.SimDINOConfig, dinov2.MaskedViTFlags):
     interpolate_offset: float = flag(0.0, "position-embedding resize: offset in the scale factor (official: 0)")
     interpolate_antialias: bool = flag(True, "position-embedding resize with antialiasing (official: true)")
     output_dir: str = flag("runs/simdinov2", "checkpoint.pth, config.json, log.jsonl go here; resumed if present")
+    saveckp_freq: int = flag(100, "keep a numbered checkpoint every N epochs (0: never; ssl_default_config.yaml: "
+                                  "100, a key its loop does not read)")
+    lr_warmup_from_min_lr = True   # its CosineScheduler: min_lr + (lr − min_lr)·step / warm-up steps
 
     def check(self):
         super().check()

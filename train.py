@@ -115,6 +115,7 @@ class TrainConfig:
                                   "(its checkpoint and log are replaced)")
     skip_bad_images: bool = flag(False, "replace an unreadable image by the next readable one, with a "
                                         "warning, instead of stopping (image folders)")
+    lr_warmup_from_min_lr = False  # not a flag: SimDINOv2's official scheduler (see schedules)
 
     def check(self):
         """Every shared flag that can be checked before any work; raises ConfigError naming it. A
@@ -196,10 +197,13 @@ class Recipe:
 # ----------------------------------------------------------------------------------------------
 # Schedules: pure functions of the global step (official `cosine_scheduler`, one value at a time).
 
-def cosine_schedule(step, base, final, total_steps, warmup_steps=0, warmup_start=0.0):
+def cosine_schedule(step, base, final, total_steps, warmup_steps=0, warmup_start=0.0, endpoint=True):
     """Linear warm-up from warmup_start to base over warmup_steps (np.linspace's endpoints, as
-    official), then a half cosine from base to final over the remaining steps."""
+    official; endpoint False: step / warmup_steps, SimDINOv2's CosineScheduler), then a half cosine
+    from base to final over the remaining steps."""
     if step < warmup_steps:
+        if not endpoint:
+            return warmup_start + (base - warmup_start) * step / warmup_steps
         return warmup_start + (base - warmup_start) * (step / (warmup_steps - 1) if warmup_steps > 1 else 0.0)
     t = min(step - warmup_steps, total_steps - warmup_steps - 1) / max(1, total_steps - warmup_steps)
     return final + 0.5 * (base - final) * (1 + math.cos(math.pi * t))
@@ -220,7 +224,12 @@ def schedules(cfg, step, steps_per_epoch):
     batch = cfg.batch_size_per_gpu * dist.world_size()
     # DINO §3.2: lr = 0.0005·B/256, "linearly ramped up during the first 10 epochs", then cosine
     peak = cfg.lr * batch / 256 if cfg.lr_scaling == "linear" else cfg.lr * math.sqrt(batch / 1024)
-    return {"lr": cosine_schedule(step, peak, cfg.min_lr, total, cfg.warmup_epochs * steps_per_epoch),
+    warmup = cfg.warmup_epochs * steps_per_epoch
+    if cfg.lr_warmup_from_min_lr:  # SimDINOv2's scheduler: from min_lr, by step / warm-up steps
+        lr = cosine_schedule(step, peak, cfg.min_lr, total, warmup, cfg.min_lr, endpoint=False)
+    else:                          # np.linspace(0, peak, warm-up steps)
+        lr = cosine_schedule(step, peak, cfg.min_lr, total, warmup)
+    return {"lr": lr,
             "wd": cosine_schedule(step, cfg.weight_decay, cfg.weight_decay_end, total),  # §3.2: 0.04 → 0.4
             "momentum": cosine_schedule(step, cfg.momentum_teacher, 1.0, total)}         # §3.1: λ 0.996 → 1
 

@@ -49,7 +49,7 @@ DIFFERENCES = {
                      "not 0 and antialiasing",
     "cls_token": "the CLS token drawn trunc-normal with std 0.02 (DINO), not normal with std 1e-6",
 }
-MATCHED = {"lr_warmup"}
+MATCHED = set()
 SIZE = ["--arch", "vit_pico", "--patch_size", "8", "--global_crops_size", "32", "--local_crops_size", "16",
         "--local_crops_number", "2", "--batch_size_per_gpu", "16", "--head_hidden_dim", "256",
         "--head_bottleneck_dim", "64", "--drop_path_rate", "0", "--epochs", "2", "--warmup_epochs", "1",
