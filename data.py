@@ -407,17 +407,22 @@ def load_dataset(name, data_path="", eval_size=224, synthetic_size=(20000, 2000)
 def random_resized_crop_boxes(n, height, width, scale, g, ratio=(3 / 4, 4 / 3), tries=10):
     """torchvision's RandomResizedCrop.get_params for n crops at once -> (n, 4) (top, left, h, w).
     Area fraction ~ U(scale), log aspect ~ U(log ratio); the first of 10 tries that fits wins,
-    else the whole image (our images are square or close to it, the centre-crop fallback)."""
+    else torchvision's fallback: the centre crop with the aspect clamped to `ratio`."""
     area = height * width * torch.empty(n, tries).uniform_(*scale, generator=g)
     log_r = torch.empty(n, tries).uniform_(math.log(ratio[0]), math.log(ratio[1]), generator=g)
     w = torch.sqrt(area * log_r.exp()).round()
     h = torch.sqrt(area / log_r.exp()).round()
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
     first = fits.float().argmax(1)  # index of the first try that fits (0 when none does)
-    w = torch.where(fits.any(1), w[torch.arange(n), first], torch.tensor(float(width)))
-    h = torch.where(fits.any(1), h[torch.arange(n), first], torch.tensor(float(height)))
+    fw = width if width / height <= ratio[1] else round(height * ratio[1])    # too wide: narrower
+    fh = height if width / height >= ratio[0] else round(width / ratio[0])    # too tall: shorter
+    found = fits.any(1)
+    w = torch.where(found, w[torch.arange(n), first], torch.tensor(float(fw)))
+    h = torch.where(found, h[torch.arange(n), first], torch.tensor(float(fh)))
     top = (torch.rand(n, generator=g) * (height - h + 1)).floor()
     left = (torch.rand(n, generator=g) * (width - w + 1)).floor()
+    top = torch.where(found, top, torch.tensor(float((height - fh) // 2)))
+    left = torch.where(found, left, torch.tensor(float((width - fw) // 2)))
     return torch.stack([top, left, h, w], 1).long()
 
 
@@ -477,10 +482,11 @@ def color_jitter(x, g, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, re
     return x
 
 
-def gaussian_blur(x, sigma):
-    """Blur each image with its own σ (n,) in pixels: a separable Gaussian, reflect padding."""
+def gaussian_blur(x, sigma, max_radius=None):
+    """Blur each image with its own σ (n,) in pixels: a separable Gaussian, reflect padding, taps
+    out to ⌈3σ⌉ (PIL's blur, DINO) or at most max_radius (torchvision's fixed kernel, DINOv2)."""
     n, C, H, W = x.shape
-    radius = min(int(math.ceil(3 * float(sigma.max()))), (min(H, W) - 1) // 2)
+    radius = min(int(math.ceil(3 * float(sigma.max()))), max_radius or H, (min(H, W) - 1) // 2)
     if radius < 1:
         return x
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
@@ -500,12 +506,14 @@ class MultiCrop:
     normalised crops: [global 1 (B, 3, G, G), global 2, local 1 (B, 3, L, L), ...]."""
 
     def __init__(self, global_size=224, local_size=96, global_scale=(0.4, 1.0),
-                 local_scale=(0.05, 0.4), local_number=8, blur_sigma=(0.1, 2.0)):
+                 local_scale=(0.05, 0.4), local_number=8, blur_sigma=(0.1, 2.0), blur_kernel_size=0):
         self.global_size, self.local_size = global_size, local_size
         self.global_scale, self.local_scale, self.local_number = global_scale, local_scale, local_number
         # The official blur radius is U(0.1, 2.0) pixels at 224-pixel global crops; we keep the
         # same blur relative to the image by scaling σ with the global crop size (equal at 224).
         self.blur_sigma = tuple(s * global_size / 224 for s in blur_sigma)
+        # DINOv2's blur has 9 taps (radius 4) at 224 pixels: scaled the same way; 0: ⌈3σ⌉ (DINO)
+        self.blur_radius = max(1, round(blur_kernel_size // 2 * global_size / 224)) if blur_kernel_size else None
         self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
         self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
@@ -527,7 +535,7 @@ class MultiCrop:
         x = torch.where(coin("jitter", 0.8), color_jitter(x, g, record=record), x)
         x = torch.where(coin("grey", 0.2), grey(x).expand(-1, 3, -1, -1), x)
         sigma = torch.empty(n).uniform_(*self.blur_sigma, generator=g)
-        x = torch.where(coin("blur", blur_p), gaussian_blur(x, sigma), x) if blur_p > 0 else x
+        x = torch.where(coin("blur", blur_p), gaussian_blur(x, sigma, self.blur_radius), x) if blur_p > 0 else x
         if solarize_p > 0:  # PIL's ImageOps.solarize: invert pixels at or above 128
             x = torch.where(coin("solarize", solarize_p), torch.where(x >= 128 / 255, 1 - x, x), x)
         if record is not None:

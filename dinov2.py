@@ -105,6 +105,7 @@ class DINOv2Config(dino.DINOConfig, MaskedViTFlags):
     warmup_teacher_temp_epochs: int = flag(30, "epochs of the τ_t warm-up 0.04 → 0.07")
     global_crops_scale: tuple = flag((0.32, 1.0), "area range of global crops")
     local_crops_scale: tuple = flag((0.05, 0.32), "area range of local crops")
+    blur_kernel_size: int = flag(9, "Gaussian blur taps at 224 px (official GaussianBlur(kernel_size=9))")
     output_dir: str = flag("runs/dinov2", "checkpoint.pth, config.json, log.jsonl go here; resumed if present")
     centering: str = flag("centering", "teacher centring: centering (EMA centre, as DINO) | sinkhorn_knopp",
                           ("centering", "sinkhorn_knopp"))

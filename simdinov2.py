@@ -55,6 +55,7 @@ class SimDINOv2Config(simdino.SimDINOConfig, dinov2.MaskedViTFlags):
     global_crops_scale: tuple = flag((0.4, 1.0), "area range of global crops (official: 0.4, not DINOv2's 0.32)")
     local_crops_number: int = flag(10, "number of local crops (official ssl_default_config.yaml: 10)")
     local_crops_scale: tuple = flag((0.05, 0.4), "area range of local crops (official: 0.4, not DINOv2's 0.32)")
+    blur_kernel_size: int = flag(9, "Gaussian blur taps at 224 px (official GaussianBlur(kernel_size=9))")
     interpolate_offset: float = flag(0.0, "position-embedding resize: offset in the scale factor (official: 0)")
     interpolate_antialias: bool = flag(True, "position-embedding resize with antialiasing (official: true)")
     output_dir: str = flag("runs/simdinov2", "checkpoint.pth, config.json, log.jsonl go here; resumed if present")

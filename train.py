@@ -95,6 +95,8 @@ class TrainConfig:
     global_crops_scale: tuple = flag((0.4, 1.0), "area range of global crops")
     local_crops_number: int = flag(8, "number of local crops (0 disables multi-crop)")
     local_crops_scale: tuple = flag((0.05, 0.4), "area range of local crops")
+    blur_kernel_size: int = flag(0, "Gaussian blur taps at 224 px, scaled with the crop size as σ is "
+                                    "(0: out to 3σ, DINO's PIL blur; DINOv2's torchvision blur: 9)")
     high_res_epochs: int = flag(0, "DINOv2 §4, 'Adapting the resolution': the last N epochs train on "
                                    "--high_res_size global crops (0: never)")
     high_res_size: int = flag(0, "global crop size of the high-resolution phase (DINOv2: 518 at patch 14)")
@@ -547,7 +549,8 @@ def augmentation(cfg, train_set, epoch):
     position embeddings interpolate to the larger grid), --global_crops_size before."""
     high = cfg.high_res_epochs and epoch >= cfg.epochs - cfg.high_res_epochs
     augment = data_lib.MultiCrop(cfg.high_res_size if high else cfg.global_crops_size, cfg.local_crops_size,
-                                 cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number)
+                                 cfg.global_crops_scale, cfg.local_crops_scale, cfg.local_crops_number,
+                                 blur_kernel_size=cfg.blur_kernel_size)
     if isinstance(train_set, data_lib.FolderImages):  # crops are cut in the workers
         train_set.crops = augment.crop_plan()
     return augment

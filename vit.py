@@ -221,6 +221,8 @@ class VisionTransformer(nn.Module):
         patch_pos = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
         off = self.interpolate_offset
         size = dict(scale_factor=((h + off) / side, (w + off) / side)) if off else dict(size=(h, w))
+        # float32, as DINOv2; DINO interpolates in the parameters' dtype, which is float32 too (its
+        # fp16 is autocast, which leaves interpolate alone): the same numbers for both
         patch_pos = F.interpolate(patch_pos.float(), mode="bicubic", antialias=self.interpolate_antialias, **size)
         assert patch_pos.shape[-2:] == (h, w)
         patch_pos = patch_pos.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, h * w, -1)

@@ -76,7 +76,7 @@ def bench(module, overrides, device, steps=10, warmup=3):
     opt = torch.optim.AdamW(groups, lr=1e-4, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
     augment = data_lib.MultiCrop(cfg.global_crops_size, cfg.local_crops_size, cfg.global_crops_scale,
-                                 cfg.local_crops_scale, cfg.local_crops_number)
+                                 cfg.local_crops_scale, cfg.local_crops_number, blur_kernel_size=cfg.blur_kernel_size)
     B = cfg.batch_size_per_gpu
     images = torch.randint(0, 256, (B, 3, cfg.global_crops_size, cfg.global_crops_size), dtype=torch.uint8)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -11,9 +11,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
 needs_torchrun = pytest.mark.skipif(not os.path.exists(TORCHRUN), reason="torchrun not installed")
 
-# Run in each of 2 processes: a DINO run whose step compares the teacher and the centre across
-# ranks (all-gathered) at the first and the last step; then the same command with a folder of its
-# own per rank, as on two nodes without a shared file system, which must stop at once.
+# Run in each of 2 processes, with a folder of its own per rank, as on two nodes without a shared
+# file system: a DINO run whose step compares the teacher and the centre across ranks
+# (all-gathered) at the first and the last step; then (with "resume") the same command again,
+# which must stop at once. One process group per launch: none is started twice in a process.
 SCRIPT = """
 import dataclasses, os, sys
 import torch
@@ -30,14 +31,15 @@ class Probe(dino.DINO):
                 print(f"step {{step}}: teacher and centre differ across ranks by {{(every[0] - every[1]).abs().max().item()}}")
         return super().forward(crops, step)
 
-base = sys.argv[1]
+base, resume = sys.argv[1], len(sys.argv) > 2
 cfg = train.config_cli(dino.DINOConfig, dino.PRESETS, ["--max_steps", "4", "--eval_every", "0", "--device", "cpu",
-                       "--batch_size_per_gpu", "16", "--out_dim", "64", "--output_dir", os.path.join(base, "shared")])
-train.train(cfg, Probe)
-own = dataclasses.replace(cfg, output_dir=os.path.join(base, "rank" + os.environ["RANK"]), max_steps=2)
-train.train(own, Probe)          # fresh everywhere: runs; only rank 0 writes a checkpoint
-try:
-    train.train(dataclasses.replace(own, max_steps=3), Probe)
+                       "--batch_size_per_gpu", "16", "--out_dim", "64"])
+own = dataclasses.replace(cfg, output_dir=os.path.join(base, "rank" + os.environ["RANK"]))
+if not resume:                   # fresh everywhere: runs; only rank 0 writes a checkpoint
+    train.train(own, Probe)
+    sys.exit(0)
+try:                             # the same command again: rank 1 has no checkpoint to resume from
+    train.train(dataclasses.replace(own, max_steps=6), Probe)
 except train.ConfigError as e:
     print(f"rank {{os.environ['RANK']}}: error: {{e}}", flush=True)
     sys.exit(3)
@@ -52,10 +54,15 @@ def test_teacher_identical_on_every_rank_and_output_dir_must_be_shared(tmp_path)
     restarted at step 0 and the collectives hung)."""
     script = tmp_path / "ddp_probe.py"
     script.write_text(SCRIPT.format(root=ROOT))
-    r = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    run = lambda *extra: subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(script), str(tmp_path),
+                                         *extra], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                                        env=dict(os.environ, OMP_NUM_THREADS="1"))
+    r = run()
     out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
     assert "step 0: teacher and centre differ across ranks by 0.0" in out, out[-3000:]
     assert "step 3: teacher and centre differ across ranks by 0.0" in out, out[-3000:]
+    assert (tmp_path / "rank0" / "checkpoint.pth").exists() and not (tmp_path / "rank1" / "checkpoint.pth").exists()
+    r = run("resume")
+    out = r.stdout + r.stderr
     assert r.returncode != 0 and "is not shared by all ranks" in out and "rank 0: error" in out, out[-3000:]
-    assert not (tmp_path / "rank1" / "checkpoint.pth").exists()

@@ -1,5 +1,6 @@
-"""What must stay fp32 under bf16 autocast stays there: the loss side of each method, checked
-against the same computation in fp32 (on CPU, where autocast runs matrix products in bf16)."""
+"""Details a quick read misses. What must stay fp32 under bf16 autocast stays there (the loss side
+of each method, against the same computation in fp32; on CPU autocast runs matrix products in
+bf16); torchvision's crop fallback and DINOv2's fixed blur kernel."""
 import torch
 
 import dino
@@ -38,3 +39,27 @@ def test_sinkhorn_and_centres_are_fp32_under_autocast():
     c = bf16(dino.update_center, torch.zeros(1, 128), logits.bfloat16(), 0.9)
     assert c.dtype == torch.float32 and torch.allclose(c, dino.update_center(torch.zeros(1, 128),
                                                                              logits.bfloat16().float(), 0.9))
+
+
+def test_random_resized_crop_falls_back_to_torchvisions_centre_crop():
+    """When none of the 10 tries fits (a 10 x 40 image at scale 1), torchvision takes the centre
+    crop with the aspect clamped to [3/4, 4/3], not the whole image squashed."""
+    import data
+    g = torch.Generator().manual_seed(0)
+    boxes = data.random_resized_crop_boxes(3, 10, 40, (1.0, 1.0), g)
+    assert boxes.tolist() == [[0, 13, 10, 13]] * 3                    # wide: h 10, w round(10·4/3)
+    assert data.random_resized_crop_boxes(2, 40, 10, (1.0, 1.0), g).tolist() == [[13, 0, 13, 10]] * 2
+    assert data.random_resized_crop_boxes(2, 12, 12, (1.0, 1.0), g)[:, 2:].tolist() in ([[12, 12]] * 2,)
+
+
+def test_dinov2_blur_is_torchvisions_nine_tap_kernel():
+    """DINOv2's GaussianBlur(kernel_size=9): at 224 pixels, taps out to 4 pixels, not 3σ."""
+    import torchvision.transforms.functional as TF
+    import data
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 24, 24)
+    sigma = torch.tensor([2.0, 0.7])
+    ours = data.gaussian_blur(x, sigma, max_radius=data.MultiCrop(224, 96, blur_kernel_size=9).blur_radius)
+    ref = torch.stack([TF.gaussian_blur(x[i], kernel_size=9, sigma=float(sigma[i])) for i in range(2)])
+    assert torch.allclose(ours[0], ref[0], atol=1e-5)                # σ 2: 9 taps, where 3σ would give 13
+    assert data.MultiCrop(224, 96).blur_radius is None and data.MultiCrop(32, 16, blur_kernel_size=9).blur_radius == 1
