@@ -317,27 +317,6 @@ def test_last_layer_is_frozen_for_the_first_epochs_only(tmp_path):
     assert moved == [True, True]   # weight_v and weight_g
 
 
-def test_freeze_modes_dino_drops_gradients_dinov2_zeroes_the_lr():
-    """DINO (official utils.cancel_gradients_last_layer): the prototypes' gradients are dropped.
-    DINOv2 (official SSLMetaArch.apply_optim_scheduler: last_layer_lr 0 while frozen): their lr
-    is 0, the gradients kept. Other groups untouched; each method tags its groups so."""
-    params = [torch.nn.Parameter(torch.ones(2)) for _ in range(3)]
-    for p in params:
-        p.grad = torch.ones(2)
-    groups = [{"params": [params[0]], "is_last_layer": False, "lr": 0.1, "freeze": "lr"},
-              {"params": [params[1]], "is_last_layer": True, "lr": 0.1, "freeze": "grad"},
-              {"params": [params[2]], "is_last_layer": True, "lr": 0.1, "freeze": "lr"}]
-    train.freeze_last_layer(groups)
-    assert params[0].grad is not None and groups[0]["lr"] == 0.1
-    assert params[1].grad is None and groups[1]["lr"] == 0.1
-    assert params[2].grad is not None and groups[2]["lr"] == 0.0
-    cfg = dict(arch="vit_pico", patch_size=8, global_crops_size=32, local_crops_size=16, out_dim=32,
-               head_hidden_dim=32, head_bottleneck_dim=16)
-    for Method, Config, mode in ((dino.DINO, dino.DINOConfig, "grad"), (dinov2.DINOv2, dinov2.DINOv2Config, "lr")):
-        last = [g for g in Method(Config(**cfg)).param_groups() if g["is_last_layer"]]
-        assert last and all(g.get("freeze", "grad") == mode for g in last), Method
-
-
 # ----------------------------------------------------------------------------------------------
 # k-NN (official eval_knn.py knn_classifier, features L2-normalised in extract_features).
 
