@@ -38,7 +38,6 @@ A run of the whole list takes 20-40 minutes on 2 busy cores.
 import argparse
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -189,13 +188,10 @@ def run_mutmut(args, root):
     mutmut = [args.mutmut_bin] if args.mutmut_bin else [sys.executable, "-m", "mutmut"]
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     t0 = time.time()
-    run = subprocess.Popen([*mutmut, "run", "--max-children", str(args.jobs)], cwd=root, env=env,
-                           stdout=subprocess.DEVNULL, start_new_session=True)
     try:
-        run.wait(timeout=args.mutmut_timeout or None)
-    except subprocess.TimeoutExpired:   # stop it and its workers; the mutants not reached stay unchecked
-        os.killpg(run.pid, signal.SIGTERM)
-        run.wait()
+        subprocess.run([*mutmut, "run", "--max-children", str(args.jobs)], cwd=root, env=env,
+                       stdout=subprocess.DEVNULL, timeout=args.mutmut_timeout or None)
+    except subprocess.TimeoutExpired:   # the mutants not reached stay "not checked"
         print(f"mutmut stopped after {args.mutmut_timeout:.0f} s", flush=True)
     out = subprocess.run([*mutmut, "results", "--all", "true"], cwd=root, env=env, capture_output=True, text=True).stdout
     status = {}
