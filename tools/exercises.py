@@ -40,130 +40,119 @@ class Exercise:
     tests: tuple         # pytest node ids that fail on the stub and pass on the solution
 
 
+def _in(test_file, *names):
+    """pytest node ids: the tests `names` of tests/`test_file`."""
+    return tuple(f"tests/{test_file}::{name}" for name in names)
+
+
 EXERCISES = [
     Exercise("dino_loss", "dino.py", "cross_entropy_pairs", "DINO Eq. 3 and Algorithm 1",
-             "The multi-crop cross-entropy: for each teacher global view t (2) and each student view "
-             "s ≠ t (V), the batch mean of H(P_t, P_s) = −Σ_k P_t·log P_s with P_s = softmax(s/τ_s), "
-             "averaged over the 2V−2 pairs. student_out (V·B, K) logits, views stacked; "
-             "teacher_probs (2·B, K), already centred and sharpened; returns a scalar. "
-             "No gradient may reach the teacher.",
-             ("tests/test_dino.py::test_dino_loss_matches_the_paper_formula",
-              "tests/test_dino.py::test_dino_loss_skips_same_view_pairs",
-              "tests/test_dino.py::test_teacher_gets_no_gradient_and_student_does")),
+             "The multi-crop cross-entropy: for each teacher global view t (2) and each student view s ≠ t (V), the "
+             "batch mean of H(P_t, P_s) = −Σ_k P_t·log P_s with P_s = softmax(s/τ_s), averaged over the 2V−2 pairs. "
+             "student_out (V·B, K) logits, views stacked; teacher_probs (2·B, K), already centred and sharpened; "
+             "returns a scalar. No gradient may reach the teacher.",
+             _in("test_dino.py", "test_dino_loss_matches_the_paper_formula", "test_dino_loss_skips_same_view_pairs",
+                 "test_teacher_gets_no_gradient_and_student_does")),
     Exercise("center", "dino.py", "update_center", "DINO Eq. 4",
-             "The centre's EMA: C ← m·C + (1−m)·(1/B)·Σᵢ g_θt(xᵢ), the mean over the global batch, "
-             "i.e. summed over all ranks with dist.all_reduce_sum and divided by the batch of all "
-             "ranks. center (1, K), teacher_out (n, K); returns the new centre (1, K), in fp32.",
-             ("tests/test_dino.py::test_center_update",
-              "tests/test_dino.py::test_step_updates_center_and_returns_logs")),
+             "The centre's EMA: C ← m·C + (1−m)·(1/B)·Σᵢ g_θt(xᵢ), the mean over the global batch, i.e. summed over "
+             "all ranks with dist.all_reduce_sum and divided by the batch of all ranks. center (1, K), teacher_out "
+             "(n, K); returns the new centre (1, K), in fp32.",
+             _in("test_dino.py", "test_center_update", "test_step_updates_center_and_returns_logs")),
     Exercise("ema", "train.py", "ema_update", "DINO §3.1, teacher network",
-             "The momentum teacher: θ_t ← λ·θ_t + (1−λ)·θ_s for every parameter, in place, without "
-             "autograd. student, teacher: two modules with the same parameters; λ = momentum.",
-             ("tests/test_train.py::test_ema_update",)),
+             "The momentum teacher: θ_t ← λ·θ_t + (1−λ)·θ_s for every parameter, in place, without autograd. "
+             "student, teacher: two modules with the same parameters; λ = momentum.",
+             _in("test_train.py", "test_ema_update")),
     Exercise("cosine_schedule", "train.py", "cosine_schedule", "DINO §3.2 (implementation details); official "
              "utils.cosine_scheduler",
-             "The value of a schedule at one step: a linear warm-up from warmup_start to base over "
-             "warmup_steps (np.linspace endpoints: step warmup_steps−1 is exactly base), then a half "
-             "cosine from base to final over the remaining steps: "
-             "final + ½·(base − final)·(1 + cos(π·t/T)). Returns a float.",
-             ("tests/test_train.py::test_cosine_schedule_matches_official",
-              "tests/test_train.py::test_schedules_scale_lr_with_batch")),
-    Exercise("multicrop_forward", "dino.py", "MultiCropNet.forward", "DINO §3.1, multi-crop; "
-             "official MultiCropWrapper",
-             "One backbone forward per run of consecutive crops of the same size (the 2 global crops "
-             "together, then the local crops together), then one head forward on all CLS "
-             "features. crops: list of V tensors (B, 3, S, S); returns (V·B, K), views in order.",
-             ("tests/test_dino.py::test_multicrop_forward_groups_by_resolution",
-              "tests/test_dino.py::test_step_updates_center_and_returns_logs")),
-    Exercise("pos_embed", "vit.py", "VisionTransformer.interpolate_pos_encoding",
-             "DINO §3.2 / official interpolate_pos_encoding",
-             "The learned position embedding (1, 1 + side², D) resized to an h×w patch grid: the "
-             "class token's embedding unchanged, the side×side grid resized bicubically (with "
-             "self.interpolate_offset added to the target size in the scale factor, or the exact "
-             "size when it is 0; antialias = self.interpolate_antialias). Returns (1, 1 + h·w, D).",
-             ("tests/test_vit.py::test_pos_embed_interpolation",
-              "tests/test_vit.py::test_output_shapes_at_any_input_size")),
-    Exercise("alignment", "simdino.py", "alignment", "SimDINO: the alignment term of the SimDINO loss "
-             "(official MCRLoss)",
-             "The alignment term: the mean cosine similarity between teacher global view t and "
-             "student view s ≠ t, averaged over the batch and over the 2V−2 pairs. "
-             "student_out (V·B, d), teacher_out (2·B, d); returns a scalar; the teacher gets no "
-             "gradient.",
-             ("tests/test_simdino.py::test_alignment_matches_the_formula_and_skips_same_view",
-              "tests/test_simdino.py::test_teacher_features_get_no_gradient")),
+             "The value of a schedule at one step: a linear warm-up from warmup_start to base over warmup_steps "
+             "(np.linspace endpoints: step warmup_steps−1 is exactly base), then a half cosine from base to final "
+             "over the remaining steps: final + ½·(base − final)·(1 + cos(π·t/T)). Returns a float.",
+             _in("test_train.py", "test_cosine_schedule_matches_official", "test_schedules_scale_lr_with_batch")),
+    Exercise("multicrop_forward", "dino.py", "MultiCropNet.forward", "DINO §3.1, multi-crop; official "
+             "MultiCropWrapper",
+             "One backbone forward per run of consecutive crops of the same size (the 2 global crops together, then "
+             "the local crops together), then one head forward on all CLS features. crops: list of V tensors (B, 3, "
+             "S, S); returns (V·B, K), views in order.",
+             _in("test_dino.py", "test_multicrop_forward_groups_by_resolution",
+                 "test_step_updates_center_and_returns_logs")),
+    Exercise("pos_embed", "vit.py", "VisionTransformer.interpolate_pos_encoding", "DINO §3.2 / official "
+             "interpolate_pos_encoding",
+             "The learned position embedding (1, 1 + side², D) resized to an h×w patch grid: the class token's "
+             "embedding unchanged, the side×side grid resized bicubically (with self.interpolate_offset added to "
+             "the target size in the scale factor, or the exact size when it is 0; antialias = "
+             "self.interpolate_antialias). Returns (1, 1 + h·w, D).",
+             _in("test_vit.py", "test_pos_embed_interpolation", "test_output_shapes_at_any_input_size")),
+    Exercise("alignment", "simdino.py", "alignment", "SimDINO: the alignment term of the SimDINO loss (official "
+             "MCRLoss)",
+             "The alignment term: the mean cosine similarity between teacher global view t and student view s ≠ t, "
+             "averaged over the batch and over the 2V−2 pairs. student_out (V·B, d), teacher_out (2·B, d); returns "
+             "a scalar; the teacher gets no gradient.",
+             _in("test_simdino.py", "test_alignment_matches_the_formula_and_skips_same_view",
+                 "test_teacher_features_get_no_gradient")),
     Exercise("expansion", "simdino.py", "expansion", "SimDINO: the γ·R_ε term of the SimDINO loss",
-             "The expansion term γ·R over the two global views: Z = the student's global features "
-             "(2, B, d), or with expa_type 1 their mean with the (detached) teacher's; R = "
-             "coding_rate(Z, eps, reduce_cov), averaged over the 2 views; γ = (d + N·m)/(d·N·m) "
-             "with N·m = world_size·B. Returns (γ·R, R).",
-             ("tests/test_simdino.py::test_expansion_gamma_and_expa_type",
-              "tests/test_simdino.py::test_step_loss_is_the_sum_of_its_logged_terms")),
-    Exercise("coding_rate", "kernels/coding_rate.py", "_CodingRate.forward", "SimDINO: the coding rate R_ε "
-             "(MCR², Yu et al. 2020)",
-             "R = ½·logdet(I + α·G) per leading index of Z (..., n, d), by Cholesky: M = L·Lᵀ, "
-             "½·logdet M = Σ log Lᵢᵢ. G = Z·Zᵀ (n×n, Sylvester) when n < d and not reduce_cov, "
-             "else Zᵀ·Z (d×d), all-reduced when reduce_cov. Raise ValueError on non-finite input "
-             "or a failed factorisation. Save Z and L, and set ctx.alpha, ctx.n_side, "
-             "ctx.reduce_cov for the backward. Returns R (...).",
-             ("tests/test_coding_rate.py::test_value_and_gradient_match_logdet_reference",
-              "tests/test_coding_rate.py::test_sylvester_side_equals_d_side",
-              "tests/test_coding_rate.py::test_rank_one_input_is_finite",
-              "tests/test_coding_rate.py::test_non_finite_input_raises")),
-    Exercise("coding_rate_backward", "kernels/coding_rate.py", "_CodingRate.backward",
-             "d(½·logdet M) = ½·tr(M⁻¹·dM); kernels/coding_rate.py docstring",
-             "The analytic gradient, one cholesky_solve against the saved L: dR/dZ = α·Z·M⁻¹ "
-             "(d×d side) or α·M⁻¹·Z (n×n side), times the incoming g (...) broadcast over the "
-             "last two dims; with reduce_cov, g is first summed over ranks. Returns (dZ, None, None).",
-             ("tests/test_coding_rate.py::test_gradcheck_analytic_backward",
-              "tests/test_coding_rate.py::test_value_and_gradient_match_logdet_reference")),
-    Exercise("online_softmax", "kernels/attention.py", "_online_softmax_step",
-             "FlashAttention-2 (Dao 2023) Algorithm 1, the loop over key blocks",
-             "One step of the online softmax, in Triton (runs in its CPU interpreter): given the "
-             "scores s = Sᵢⱼ·log₂e (B_r, B_c), the values v (B_c, d), the running row max m (B_r,), "
-             "row sum ℓ (B_r,) and unnormalised output Õ (B_r, d), return the new (m, ℓ, Õ). "
-             "Use tl.exp2 (scores are in base 2) and tl.dot(p.to(v.dtype), v, "
-             "input_precision=PRECISION).",
-             ("tests/test_attention.py::test_triton_interpreted_matches_math_out_and_grads",)),
-    Exercise("sinkhorn_knopp", "dinov2.py", "sinkhorn_knopp", "DINOv2 §4, Sinkhorn-Knopp centering "
-             "(SwAV, Caron et al. 2020)",
-             "Teacher targets: Q = exp(logits/τ_t)ᵀ (K, n), normalised to total mass 1, then "
-             "n_iterations times: each prototype row to mass 1/K, each sample column to 1/B; every "
-             "sum over samples all-reduced (B counts all ranks). logits (n, K); returns (n, K) "
-             "with rows summing to 1.",
-             ("tests/test_dinov2.py::test_sinkhorn_knopp_marginals",)),
-    Exercise("koleo", "dinov2.py", "koleo_loss", "DINOv2 §4, KoLeo regularizer "
-             "(Sablayrolles et al. 2019)",
-             "L_koleo = −(1/n)·Σᵢ log(d_n,i), d_n,i = ‖xᵢ − x_nn(i)‖ the distance to the nearest "
-             "other point, on L2-normalised x (n, D), in fp32, eps as PairwiseDistance. "
-             "Returns a scalar.",
-             ("tests/test_dinov2.py::test_koleo_against_its_formula",)),
-    Exercise("block_mask", "data.py", "block_mask", "DINOv2 §4, patch-level objective (iBOT's "
-             "masking, BEiT's blockwise masking)",
-             "An (h, w) bool mask of about n_mask patches made of random rectangles: area uniform in "
-             "[min_patches, room], log-aspect uniform in [log min_aspect, −log min_aspect], a "
-             "rectangle kept only when it adds 1..room new patches, 10 tries per block, stop when "
-             "none fits. All randomness from the generator g.",
-             ("tests/test_dinov2.py::test_block_masks_stay_in_bounds",
-              "tests/test_dinov2.py::test_blocks_have_the_official_aspect_bounds")),
+             "The expansion term γ·R over the two global views: Z = the student's global features (2, B, d), or "
+             "with expa_type 1 their mean with the (detached) teacher's; R = coding_rate(Z, eps, reduce_cov), "
+             "averaged over the 2 views; γ = (d + N·m)/(d·N·m) with N·m = world_size·B. Returns (γ·R, R).",
+             _in("test_simdino.py", "test_expansion_gamma_and_expa_type",
+                 "test_step_loss_is_the_sum_of_its_logged_terms")),
+    Exercise("coding_rate", "kernels/coding_rate.py", "_CodingRate.forward", "SimDINO: the coding rate R_ε (MCR², "
+             "Yu et al. 2020)",
+             "R = ½·logdet(I + α·G) per leading index of Z (..., n, d), by Cholesky: M = L·Lᵀ, ½·logdet M = Σ log "
+             "Lᵢᵢ. G = Z·Zᵀ (n×n, Sylvester) when n < d and not reduce_cov, else Zᵀ·Z (d×d), all-reduced when "
+             "reduce_cov. Raise ValueError on non-finite input or a failed factorisation. Save Z and L, and set "
+             "ctx.alpha, ctx.n_side, ctx.reduce_cov for the backward. Returns R (...).",
+             _in("test_coding_rate.py", "test_value_and_gradient_match_logdet_reference",
+                 "test_sylvester_side_equals_d_side", "test_rank_one_input_is_finite",
+                 "test_non_finite_input_raises")),
+    Exercise("coding_rate_backward", "kernels/coding_rate.py", "_CodingRate.backward", "d(½·logdet M) = "
+             "½·tr(M⁻¹·dM); kernels/coding_rate.py docstring",
+             "The analytic gradient, one cholesky_solve against the saved L: dR/dZ = α·Z·M⁻¹ (d×d side) or α·M⁻¹·Z "
+             "(n×n side), times the incoming g (...) broadcast over the last two dims; with reduce_cov, g is first "
+             "summed over ranks. Returns (dZ, None, None).",
+             _in("test_coding_rate.py", "test_gradcheck_analytic_backward",
+                 "test_value_and_gradient_match_logdet_reference")),
+    Exercise("online_softmax", "kernels/attention.py", "_online_softmax_step", "FlashAttention-2 (Dao 2023) "
+             "Algorithm 1, the loop over key blocks",
+             "One step of the online softmax, in Triton (runs in its CPU interpreter): given the scores s = "
+             "Sᵢⱼ·log₂e (B_r, B_c), the values v (B_c, d), the running row max m (B_r,), row sum ℓ (B_r,) and "
+             "unnormalised output Õ (B_r, d), return the new (m, ℓ, Õ). Use tl.exp2 (scores are in base 2) and "
+             "tl.dot(p.to(v.dtype), v, input_precision=PRECISION).",
+             _in("test_attention.py", "test_triton_interpreted_matches_math_out_and_grads")),
+    Exercise("sinkhorn_knopp", "dinov2.py", "sinkhorn_knopp", "DINOv2 §4, Sinkhorn-Knopp centering (SwAV, Caron et "
+             "al. 2020)",
+             "Teacher targets: Q = exp(logits/τ_t)ᵀ (K, n), normalised to total mass 1, then n_iterations times: "
+             "each prototype row to mass 1/K, each sample column to 1/B; every sum over samples all-reduced (B "
+             "counts all ranks). logits (n, K); returns (n, K) with rows summing to 1.",
+             _in("test_dinov2.py", "test_sinkhorn_knopp_marginals")),
+    Exercise("koleo", "dinov2.py", "koleo_loss", "DINOv2 §4, KoLeo regularizer (Sablayrolles et al. 2019)",
+             "L_koleo = −(1/n)·Σᵢ log(d_n,i), d_n,i = ‖xᵢ − x_nn(i)‖ the distance to the nearest other point, on "
+             "L2-normalised x (n, D), in fp32, eps as PairwiseDistance. Returns a scalar.",
+             _in("test_dinov2.py", "test_koleo_against_its_formula")),
+    Exercise("block_mask", "data.py", "block_mask", "DINOv2 §4, patch-level objective (iBOT's masking, BEiT's "
+             "blockwise masking)",
+             "An (h, w) bool mask of about n_mask patches made of random rectangles: area uniform in [min_patches, "
+             "room], log-aspect uniform in [log min_aspect, −log min_aspect], a rectangle kept only when it adds "
+             "1..room new patches, 10 tries per block, stop when none fits. All randomness from the generator g.",
+             _in("test_dinov2.py", "test_block_masks_stay_in_bounds", "test_blocks_have_the_official_aspect_bounds")),
     Exercise("ibot_loss", "dinov2.py", "ibot_loss", "DINOv2 §4, patch-level objective",
-             "L_iBOT over the masked patches: −Σ_masked w·Σ_k P_t·log P_s with P_s = "
-             "softmax(s/τ_s), w = 1/#masked patches of the patch's image, divided by n_images. "
-             "student_patch_out (M, K) logits, teacher_patch_probs (M, K), weights (M,). Scalar.",
-             ("tests/test_dinov2.py::test_ibot_loss_against_a_transcription",)),
+             "L_iBOT over the masked patches: −Σ_masked w·Σ_k P_t·log P_s with P_s = softmax(s/τ_s), w = 1/#masked "
+             "patches of the patch's image, divided by n_images. student_patch_out (M, K) logits, "
+             "teacher_patch_probs (M, K), weights (M,). Scalar.",
+             _in("test_dinov2.py", "test_ibot_loss_against_a_transcription")),
     Exercise("patch_alignment", "simdinov2.py", "patch_alignment", "SimDINO: SimDINOv2's patch term",
-             "SimDINOv2's patch term: the cosine similarity between student and (detached) teacher "
-             "head outputs at each masked patch, weighted by w = 1/#masked of its image, summed and "
-             "divided by n_images. student/teacher_patch_out (M, d), weights (M,). Scalar.",
-             ("tests/test_simdinov2.py::test_patch_loss_against_a_transcription",
-              "tests/test_simdinov2.py::test_step_is_cls_loss_plus_patch_loss")),
-    Exercise("drop_add_residual", "vit.py", "drop_add_residual", "DINOv2 §5, efficient stochastic "
-             "depth (official drop_add_residual_stochastic_depth)",
-             "x + branch(x) with stochastic depth at rate p, the branch run only on the kept samples: "
-             "k = max(⌊B(1−p)⌋, 1) samples drawn with torch.randperm, their branch output scaled by "
-             "B/k and added to their rows (torch.index_add); the other samples pass unchanged. "
-             "x (B, T, D); branch maps (k, T, D) to (k, T, D). Same expectation as DropPath.",
-             ("tests/test_vit.py::test_efficient_drop_path_has_the_plain_expectation",
-              "tests/test_vit.py::test_efficient_drop_path_equals_plain_on_the_kept_samples")),
+             "SimDINOv2's patch term: the cosine similarity between student and (detached) teacher head outputs at "
+             "each masked patch, weighted by w = 1/#masked of its image, summed and divided by n_images. "
+             "student/teacher_patch_out (M, d), weights (M,). Scalar.",
+             _in("test_simdinov2.py", "test_patch_loss_against_a_transcription",
+                 "test_step_is_cls_loss_plus_patch_loss")),
+    Exercise("drop_add_residual", "vit.py", "drop_add_residual", "DINOv2 §5, efficient stochastic depth (official "
+             "drop_add_residual_stochastic_depth)",
+             "x + branch(x) with stochastic depth at rate p, the branch run only on the kept samples: k = "
+             "max(⌊B(1−p)⌋, 1) samples drawn with torch.randperm, their branch output scaled by B/k and added to "
+             "their rows (torch.index_add); the other samples pass unchanged. x (B, T, D); branch maps (k, T, D) to "
+             "(k, T, D). Same expectation as DropPath.",
+             _in("test_vit.py", "test_efficient_drop_path_has_the_plain_expectation",
+                 "test_efficient_drop_path_equals_plain_on_the_kept_samples")),
 ]
 
 
@@ -198,19 +187,17 @@ def stub_source(source, ex, number):
     return "".join(lines[:start]) + stub + "".join(lines[fn.end_lineno:])
 
 
-def copy_project(dest):
+def copy_project(dest, number=None):
+    """The project's files (COPIED) into dest; with `number`, that exercise's function stubbed."""
     for pattern in COPIED:
         for src in glob.glob(os.path.join(ROOT, pattern)):
             rel = os.path.relpath(src, ROOT)
             os.makedirs(os.path.join(dest, os.path.dirname(rel)), exist_ok=True)
             shutil.copy2(src, os.path.join(dest, rel))
-
-
-def make_student_copy(number, dest):
-    ex = EXERCISES[number - 1]
-    copy_project(dest)
-    path = Path(dest, ex.path)
-    path.write_text(stub_source(path.read_text(encoding="utf-8"), ex, number), encoding="utf-8")
+    if number is not None:
+        ex = EXERCISES[number - 1]
+        path = Path(dest, ex.path)
+        path.write_text(stub_source(path.read_text(encoding="utf-8"), ex, number), encoding="utf-8")
 
 
 def run_tests(tests, cwd, quiet=False, threads=None):
@@ -233,28 +220,28 @@ def describe(number):
 
 
 def verify_one(number):
-    """(every test of the exercise fails on the stub, with its NotImplementedError; why not)."""
+    """Why exercise `number` fails the check, or "": each of its tests must fail on the stub, with the
+    stub's own NotImplementedError."""
     ex = EXERCISES[number - 1]
     with tempfile.TemporaryDirectory() as tmp:
-        make_student_copy(number, tmp)
+        copy_project(tmp, number)
         stub_passed, out = run_tests(ex.tests, tmp, quiet=True, threads=1)
     summary = out.strip().splitlines()[-1] if out.strip() else ""
-    if stub_passed or " passed" in summary:       # every one of its tests must fail on the stub
-        return False, f"a test passes on the stub: {summary}"
+    if stub_passed or " passed" in summary:
+        return f"exercise {number} ({ex.name}): a test passes on the stub: {summary}"
     if f"exercise {number}:" not in out:
-        return False, f"the stub fails for another reason:\n{out[-2000:]}"
-    return True, ""
+        return f"exercise {number} ({ex.name}): the stub fails for another reason:\n{out[-2000:]}"
+    return ""
 
 
 def verify(numbers):
     """Every stub fails its tests (with its own NotImplementedError); all solutions pass."""
     with ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
-        results = list(pool.map(verify_one, numbers))
+        failures = [why for why in pool.map(verify_one, numbers) if why]
     tests = sorted({t for n in numbers for t in EXERCISES[n - 1].tests})
     with tempfile.TemporaryDirectory() as tmp:
         copy_project(tmp)
         solutions_pass, out = run_tests(tests, tmp, quiet=True)
-    failures = [f"exercise {n} ({EXERCISES[n - 1].name}): {why}" for n, (ok, why) in zip(numbers, results) if not ok]
     if not solutions_pass:
         failures.append(f"the solutions fail their tests:\n{out[-3000:]}")
     return failures
@@ -292,7 +279,7 @@ def main(argv=None):
     if args.reset and os.path.isdir(dest):
         shutil.rmtree(dest)
     if not os.path.isdir(dest):
-        make_student_copy(n, dest)
+        copy_project(dest, n)
         print(describe(n))
         print(f"\nYour copy: {os.path.relpath(dest)}/ — write the body of {ex.function} in {yours}, "
               f"then run this command again.\n")
