@@ -23,6 +23,7 @@ import pickle
 import re
 import sys
 import time
+import zipfile
 
 import torch
 import torch.nn.functional as F
@@ -34,37 +35,37 @@ from vit import ARCHS, build_vit
 
 
 @torch.no_grad()
-def extract_features(fn, dataset, size, device, batch_size=256, num_workers=0):
-    """fn(images (B, 3, size, size)) -> (B, D) on every image of a dataset, sharded over ranks
-    and gathered; returns (features (N, D) float32 on device, labels (N,))."""
-    loader = data_lib.Loader(dataset, batch_size, rank=dist.rank(), world_size=dist.world_size(),
-                             num_workers=num_workers, shuffle=False, drop_last=False)
-    crops, feats, labels = getattr(dataset, "crops", None), [], []
-    if crops is not None:  # an image folder set up for training: ask for evaluation views
-        dataset.crops = None
-    for images, y in loader.epoch(0):
-        feats.append(fn(data_lib.eval_view(images.to(device), size)).float())
-        labels.append(y.to(device))
-    if crops is not None:
-        dataset.crops = crops
-    return dist.all_gather_cat(torch.cat(feats)), dist.all_gather_cat(torch.cat(labels))
+def extract_features(fn, dataset, size, device, batch_size=256, num_workers=0, gather=True):
+    """fn(images (B, 3, size, size)) -> (B, D) on a dataset, one process's batches dealt to the ranks
+    in contiguous runs (some may get none); returns (features (N, D) float32 on device, labels (N,))
+    in the dataset's order, gathered, or with gather=False this rank's shard of them."""
+    n, steps = len(dataset), math.ceil(len(dataset) / batch_size)
+    lo, hi = (min(n, batch_size * (steps * r // dist.world_size())) for r in (dist.rank(), dist.rank() + 1))
+    shard = data_lib.subset(dataset, range(lo, hi) if hi > lo else range(1))  # none: one image, for D
+    loader = data_lib.Loader(shard, batch_size, num_workers=num_workers, shuffle=False, drop_last=False)
+    feats, labels = zip(*[(fn(data_lib.eval_view(x.to(device), size)).float(), y.to(device))
+                          for x, y in loader.epoch(0)])
+    feats, labels = torch.cat(feats)[:hi - lo], torch.cat(labels)[:hi - lo]
+    return (dist.all_gather_cat(feats), dist.all_gather_cat(labels)) if gather else (feats, labels)
 
 
 @torch.no_grad()
-def knn_classify(train_features, train_labels, test_features, test_labels, k=20, T=0.07,
-                 num_classes=None, chunk=1024):
-    """Weighted k-NN of the official eval_knn.py: features L2-normalised here; returns (top-1, top-5) in %."""
-    num_classes = num_classes or int(train_labels.max()) + 1
+def knn_classify(train_features, train_labels, test_features, test_labels, num_classes, k=20, T=0.07,
+                 chunk=1024):
+    """Weighted k-NN of the official eval_knn.py on a bank sharded over ranks (train_*: this rank's
+    shard; test_*: every query): each rank's k nearest, gathered and merged (equal similarities:
+    the lower rank first). Features L2-normalised here; returns (top-1, top-5) in %."""
     train_features = F.normalize(train_features, dim=1)
     test_features = F.normalize(test_features, dim=1)
-    k = min(k, len(train_features))
     top1 = top5 = 0
     for i in range(0, len(test_features), chunk):
         q, y = test_features[i:i + chunk], test_labels[i:i + chunk]
-        sim, idx = (q @ train_features.T).topk(k, dim=1)           # (b, k)
+        sim, idx = (q @ train_features.T).topk(min(k, len(train_features)), dim=1)   # (b, k) of this shard
+        sim, order = dist.all_gather_cat(sim, dim=1).sort(dim=1, descending=True, stable=True)  # (b, ranks·k)
+        labels = dist.all_gather_cat(train_labels[idx], dim=1).gather(1, order)
         votes = torch.zeros(len(q), num_classes, device=q.device)
-        votes.scatter_add_(1, train_labels[idx], (sim / T).exp())  # Σ exp(s/T) per class
-        pred = votes.topk(min(5, num_classes), dim=1).indices       # (b, 5)
+        votes.scatter_add_(1, labels[:, :k], (sim[:, :k] / T).exp())  # Σ exp(s/T) per class, k nearest
+        pred = votes.topk(min(5, num_classes), dim=1).indices          # (b, 5)
         top1 += (pred[:, 0] == y).sum().item()
         top5 += (pred == y[:, None]).any(1).sum().item()
     return 100.0 * top1 / len(test_features), 100.0 * top5 / len(test_features)
@@ -107,17 +108,17 @@ def split_features(fn, train_set, eval_set, size, device, batch_size=256, num_wo
 
 
 def knn_eval(backbone, train_set, eval_set, size, device, k=20, T=0.07, batch_size=256, num_workers=0):
-    """k-NN top-1 / top-5 of a backbone's CLS features (train split as memory bank)."""
+    """k-NN top-1 / top-5 of a backbone's CLS features (train split as memory bank, kept sharded)."""
     was_training = backbone.training
-    features = split_features(backbone.eval(), train_set, eval_set, size, device, batch_size, num_workers)
+    bank = extract_features(backbone.eval(), _labelled(train_set), size, device, batch_size, num_workers, False)
+    queries = extract_features(backbone, _labelled(eval_set), size, device, batch_size, num_workers)
     backbone.train(was_training)
-    return knn_classify(*features, k, T, num_classes=train_set.classes)
+    return knn_classify(*bank, *queries, train_set.classes, k, T)
 
 
 def baselines(arch, patch_size, train_set, eval_set, size, device, seed=0, **kw):
     """k-NN on raw normalised pixels and on a randomly initialised ViT: {name: (top-1, top-5)}."""
-    pixels = split_features(lambda x: x.flatten(1), train_set, eval_set, size, device)
-    out = {"raw_pixels": knn_classify(*pixels, num_classes=train_set.classes)}
+    out = {"raw_pixels": knn_eval(torch.nn.Flatten(), train_set, eval_set, size, device)}
     torch.manual_seed(seed)
     random_vit = build_vit(arch, patch_size, img_size=size).to(device)
     out["random_vit"] = knn_eval(random_vit, train_set, eval_set, size, device, **kw)
@@ -260,12 +261,13 @@ def run_task(args, backbone, arch, trained, size, device):
 def read_checkpoint(path):
     """torch.load with weights_only=True: tensors, numbers, strings, lists and dicts, and the
     argparse.Namespace that official DINO / SimDINO checkpoints carry as `args` (an attribute bag:
-    rebuilding it calls no code of the file). A pickle asking for any other global is refused."""
+    rebuilding it calls no code of the file). A pickle asking for any other global is refused.
+    Zip files (torch.save's format since PyTorch 1.6) are memory-mapped, not copied whole into each rank."""
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path} does not exist")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         if "GLOBAL" not in str(e):
             raise ValueError(f"cannot read checkpoint {path} (not a PyTorch checkpoint: {str(e)[:100]})") from None

@@ -83,19 +83,17 @@ def all_reduce_sum(x):
     return x
 
 
-def all_gather_cat(x):
-    """Concatenate a tensor over ranks along dim 0 (sizes may differ per rank)."""
+def all_gather_cat(x, dim=0):
+    """Concatenate a tensor over ranks along dim, in rank order (sizes along dim may differ per
+    rank, 0 included; the other dims are the same everywhere)."""
     if not is_distributed():
         return x
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world_size())]
-    dist.all_gather(sizes, n)
-    m = int(max(s.item() for s in sizes))
-    padded = torch.zeros((m, *x.shape[1:]), dtype=x.dtype, device=x.device)
-    padded[:x.shape[0]] = x
-    out = [torch.zeros_like(padded) for _ in range(world_size())]
+    x = x.movedim(dim, 0)
+    sizes = all_gather_object(len(x))
+    padded = torch.cat([x, x.new_zeros((max(sizes) - len(x), *x.shape[1:]))])   # the same shape on every rank
+    out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded)
-    return torch.cat([o[:int(s.item())] for o, s in zip(out, sizes)])
+    return torch.cat([o[:s] for o, s in zip(out, sizes)]).movedim(0, dim)
 
 
 def all_gather_object(obj):
