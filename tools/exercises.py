@@ -71,8 +71,8 @@ EXERCISES = [
     Exercise("multicrop_forward", "dino.py", "MultiCropNet.forward", "DINO §3.1, multi-crop; official "
              "MultiCropWrapper",
              "One backbone forward per run of consecutive crops of the same size (the 2 global crops together, then "
-             "the local crops together), then one head forward on all CLS features. crops: list of V tensors (B, 3, "
-             "S, S); returns (V·B, K), views in order.",
+             "the local crops together), then one head forward on all CLS features. crops: list of V tensors "
+             "(B, 3, S, S); returns (V·B, K), views in order.",
              _in("test_dino.py", "test_multicrop_forward_groups_by_resolution",
                  "test_step_updates_center_and_returns_logs")),
     Exercise("pos_embed", "vit.py", "VisionTransformer.interpolate_pos_encoding", "DINO §3.2 / official "
@@ -82,8 +82,8 @@ EXERCISES = [
              "the target size in the scale factor, or the exact size when it is 0; antialias = "
              "self.interpolate_antialias). Returns (1, 1 + h·w, D).",
              _in("test_vit.py", "test_pos_embed_interpolation", "test_output_shapes_at_any_input_size")),
-    Exercise("alignment", "simdino.py", "alignment", "SimDINO: the alignment term of the SimDINO loss (official "
-             "MCRLoss)",
+    Exercise("alignment", "simdino.py", "alignment", "SimDINO: the alignment term of the SimDINO loss "
+             "(official MCRLoss)",
              "The alignment term: the mean cosine similarity between teacher global view t and student view s ≠ t, "
              "averaged over the batch and over the 2V−2 pairs. student_out (V·B, d), teacher_out (2·B, d); returns "
              "a scalar; the teacher gets no gradient.",
@@ -95,8 +95,8 @@ EXERCISES = [
              "averaged over the 2 views; γ = (d + N·m)/(d·N·m) with N·m = world_size·B. Returns (γ·R, R).",
              _in("test_simdino.py", "test_expansion_gamma_and_expa_type",
                  "test_step_loss_is_the_sum_of_its_logged_terms")),
-    Exercise("coding_rate", "kernels/coding_rate.py", "_CodingRate.forward", "SimDINO: the coding rate R_ε (MCR², "
-             "Yu et al. 2020)",
+    Exercise("coding_rate", "kernels/coding_rate.py", "_CodingRate.forward", "SimDINO: the coding rate R_ε "
+             "(MCR², Yu et al. 2020)",
              "R = ½·logdet(I + α·G) per leading index of Z (..., n, d), by Cholesky: M = L·Lᵀ, ½·logdet M = Σ log "
              "Lᵢᵢ. G = Z·Zᵀ (n×n, Sylvester) when n < d and not reduce_cov, else Zᵀ·Z (d×d), all-reduced when "
              "reduce_cov. Raise ValueError on non-finite input or a failed factorisation. Save Z and L, and set "
@@ -118,11 +118,11 @@ EXERCISES = [
              "unnormalised output Õ (B_r, d), return the new (m, ℓ, Õ). Use tl.exp2 (scores are in base 2) and "
              "tl.dot(p.to(v.dtype), v, input_precision=PRECISION).",
              _in("test_attention.py", "test_triton_interpreted_matches_math_out_and_grads")),
-    Exercise("sinkhorn_knopp", "dinov2.py", "sinkhorn_knopp", "DINOv2 §4, Sinkhorn-Knopp centering (SwAV, Caron et "
-             "al. 2020)",
+    Exercise("sinkhorn_knopp", "dinov2.py", "sinkhorn_knopp", "DINOv2 §4, Sinkhorn-Knopp centering "
+             "(SwAV, Caron et al. 2020)",
              "Teacher targets: Q = exp(logits/τ_t)ᵀ (K, n), normalised to total mass 1, then n_iterations times: "
-             "each prototype row to mass 1/K, each sample column to 1/B; every sum over samples all-reduced (B "
-             "counts all ranks). logits (n, K); returns (n, K) with rows summing to 1.",
+             "each prototype row to mass 1/K, each sample column to 1/B; every sum over samples all-reduced "
+             "(B counts all ranks). logits (n, K); returns (n, K) with rows summing to 1.",
              _in("test_dinov2.py", "test_sinkhorn_knopp_marginals")),
     Exercise("koleo", "dinov2.py", "koleo_loss", "DINOv2 §4, KoLeo regularizer (Sablayrolles et al. 2019)",
              "L_koleo = −(1/n)·Σᵢ log(d_n,i), d_n,i = ‖xᵢ − x_nn(i)‖ the distance to the nearest other point, on "
@@ -145,8 +145,8 @@ EXERCISES = [
              "student/teacher_patch_out (M, d), weights (M,). Scalar.",
              _in("test_simdinov2.py", "test_patch_loss_against_a_transcription",
                  "test_step_is_cls_loss_plus_patch_loss")),
-    Exercise("drop_add_residual", "vit.py", "drop_add_residual", "DINOv2 §5, efficient stochastic depth (official "
-             "drop_add_residual_stochastic_depth)",
+    Exercise("drop_add_residual", "vit.py", "drop_add_residual", "DINOv2 §5, efficient stochastic depth "
+             "(official drop_add_residual_stochastic_depth)",
              "x + branch(x) with stochastic depth at rate p, the branch run only on the kept samples: k = "
              "max(⌊B(1−p)⌋, 1) samples drawn with torch.randperm, their branch output scaled by B/k and added to "
              "their rows (torch.index_add); the other samples pass unchanged. x (B, T, D); branch maps (k, T, D) to "
