@@ -32,10 +32,9 @@ def main():
     p.add_argument("--output_dir", default="runs/compare")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     args, flags = p.parse_known_args()
-    rows, logs = [], []
-    for name in args.methods:
+    rows, logs = [], [os.path.join(args.output_dir, name) for name in args.methods]
+    for name, out in zip(args.methods, logs):
         recipe = importlib.import_module(name).RECIPE
-        out = os.path.join(args.output_dir, name)
         cfg = train.config_cli(recipe.Config, recipe.presets, flags + ["--output_dir", out])
         print(f"=== {name} -> {out}", flush=True)
         t0 = time.time()
@@ -46,7 +45,6 @@ def main():
         records = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
         knn = [r for r in records if "knn_top1" in r]
         rows.append((name, knn[-1]["knn_top1"], knn[-1]["knn_top5"], records[-1]["time"] / 60))
-        logs.append(out)
         print(f"=== {name}: k-NN top-1 {knn[-1]['knn_top1']:.2f} ({(time.time() - t0) / 60:.1f} min this call)", flush=True)
     train_set, eval_set = data_lib.load_dataset(cfg.data, cfg.data_path, eval_size=cfg.global_crops_size)
     base = train.cached_baselines(cfg, train_set, eval_set, torch.device("cpu"))
