@@ -246,41 +246,29 @@ def ema_update(student, teacher, momentum):
     torch._foreach_lerp_(t, s, 1.0 - momentum)   # θ_t + (1−λ)·(θ_s − θ_t) = λ·θ_t + (1−λ)·θ_s
 
 
-def clip_gradients(params, clip):
-    """Official DINO clipping: each parameter's gradient norm is clipped to `clip` on its own
-    (not one global norm); clip 0 only measures. Returns the norms before clipping."""
+def clip_gradients(params, clip, together=False):
+    """Clip the gradients' norms to `clip` (0: only measure); returns the per-parameter norms before
+    clipping. Each parameter on its own (official DINO utils.clip_gradients), or `together`: one norm
+    over all of them, every gradient scaled by the same factor (DINOv2's clip_grad_norm_)."""
     grads = [p.grad for p in params if p.grad is not None]
     norms = torch._foreach_norm(grads)
-    if clip:
+    if clip and grads and together:
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        torch._foreach_mul_(grads, torch.clamp(clip / (total + 1e-6), max=1.0))
+    elif clip and grads:
         torch._foreach_mul_(grads, [torch.clamp(clip / (n + 1e-6), max=1.0) for n in norms])
     return norms
 
 
-def clip_together(params, clip):
-    """Official DINOv2 clipping (clip_grad_norm_ of each student submodule): one norm over all the
-    gradients, all scaled by the same factor. Returns the per-parameter norms before clipping."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norms = torch._foreach_norm(grads)
-    if clip and grads:
-        total = torch.linalg.vector_norm(torch.stack(norms))
-        torch._foreach_mul_(grads, torch.clamp(clip / (total + 1e-6), max=1.0))
-    return norms
-
-
 def clip_groups(groups, clip):
-    """Clip as each param group says: groups without a `clip_group` per parameter (DINO), those
-    that share one together (DINOv2: backbone, DINO head, iBOT head). Returns the per-parameter
-    norms before clipping, in the order of the groups' parameters that have a gradient."""
-    together = {}
-    for g in groups:
-        if g.get("clip_group"):
-            together.setdefault(g["clip_group"], []).extend(g["params"])
-    norms = {}
-    for g in groups:
-        if not g.get("clip_group"):
-            norms.update(zip([id(p) for p in g["params"] if p.grad is not None], clip_gradients(g["params"], clip)))
-    for params in together.values():
-        norms.update(zip([id(p) for p in params if p.grad is not None], clip_together(params, clip)))
+    """Clip as each param group says: a group without a `clip_group` per parameter (DINO), the groups
+    that share one together (DINOv2: backbone, DINO head, iBOT head). Returns the per-parameter norms
+    before clipping, in the order of the groups' parameters that have a gradient."""
+    sets, norms = {}, {}
+    for i, g in enumerate(groups):
+        sets.setdefault(g.get("clip_group") or i, []).extend(p for p in g["params"] if p.grad is not None)
+    for key, params in sets.items():
+        norms.update(zip(map(id, params), clip_gradients(params, clip, together=isinstance(key, str))))
     return [norms[id(p)] for g in groups for p in g["params"] if p.grad is not None]
 
 
