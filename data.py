@@ -51,28 +51,23 @@ def shape_mask(name, u, v):
     def rect(cx, cy, half_w, half_h):
         return (np.abs(u - cx) < half_w) & (np.abs(v - cy) < half_h)
 
-    if name == "disk":
-        return rho < 0.75
-    if name == "triangle":
-        return regular_polygon(3, 1.0)
-    if name == "square":
-        return regular_polygon(4, 0.85)
-    if name == "plus":
-        return rect(0, 0, 0.95, 0.3) | rect(0, 0, 0.3, 0.95)
-    if name == "star":  # five points: radius 1 at a tip, 0.45 between tips
+    def star():  # five points: radius 1 at a tip, 0.45 between tips
         a = np.abs(np.mod(theta, 2 * np.pi / 5) - np.pi / 5) / (np.pi / 5)
         return rho < 1.0 - 0.55 * a
-    if name == "ring":
-        return (rho < 0.95) & (rho > 0.55)
-    if name == "crescent":
-        return (rho < 0.9) & (np.hypot(u - 0.45, v) > 0.7)
-    if name == "ell":
-        return rect(-0.55, 0, 0.3, 0.9) | rect(0, -0.6, 0.85, 0.3)
-    if name == "tee":
-        return rect(0, 0.6, 0.9, 0.28) | rect(0, -0.15, 0.28, 0.75)
-    if name == "bar":
-        return rect(0, 0, 0.95, 0.3)
-    raise KeyError(name)
+
+    inside = {  # each computed only when asked for; an unknown name raises KeyError
+        "disk": lambda: rho < 0.75,
+        "triangle": lambda: regular_polygon(3, 1.0),
+        "square": lambda: regular_polygon(4, 0.85),
+        "plus": lambda: rect(0, 0, 0.95, 0.3) | rect(0, 0, 0.3, 0.95),
+        "star": star,
+        "ring": lambda: (rho < 0.95) & (rho > 0.55),
+        "crescent": lambda: (rho < 0.9) & (np.hypot(u - 0.45, v) > 0.7),
+        "ell": lambda: rect(-0.55, 0, 0.3, 0.9) | rect(0, -0.6, 0.85, 0.3),
+        "tee": lambda: rect(0, 0.6, 0.9, 0.28) | rect(0, -0.15, 0.28, 0.75),
+        "bar": lambda: rect(0, 0, 0.95, 0.3),
+    }
+    return inside[name]()
 
 
 def make_synthetic(n, size=32, seed=0, copies=2, supersample=3):
@@ -86,18 +81,12 @@ def make_synthetic(n, size=32, seed=0, copies=2, supersample=3):
     pixels and a random ViT weak (about 27 % and 26 % k-NN, chance 10 %)."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, len(SHAPES), n)
-    grid = (np.arange(size * supersample) + 0.5) / supersample
-    Y, X = np.meshgrid(grid, grid, indexing="ij")
     images = np.empty((n, size, size), np.float32)
     for i in range(n):
-        image = np.full(X.shape, rng.uniform(0.0, 0.35), np.float32)     # background level
-        placed = []                                                        # (x, y, radius)
-        for _ in range(copies):
-            cx, cy, r = _place(rng, size, placed, (0.12, 0.2))
-            angle, mirror = rng.uniform(0, 2 * np.pi), rng.choice([-1.0, 1.0])
-            inside = _inside(SHAPES[labels[i]], X, Y, cx, cy, r, angle, mirror)
-            image[inside] = rng.uniform(0.65, 1.0)                         # shape level
-        images[i] = image.reshape(size, supersample, size, supersample).mean((1, 3))
+        background, placed = rng.uniform(0.0, 0.35), []
+        shapes = [(SHAPES[labels[i]], *_place(rng, size, placed, (0.12, 0.2)), rng.uniform(0, 2 * np.pi),
+                   rng.choice([-1.0, 1.0]), rng.uniform(0.65, 1.0)) for _ in range(copies)]
+        images[i] = _render(background, shapes, size, supersample)[0]
     return _to_uint8(images, rng), torch.from_numpy(labels)
 
 
@@ -112,10 +101,20 @@ def _place(rng, size, placed, radius):
     return cx, cy, r
 
 
-def _inside(shape, X, Y, cx, cy, r, angle, mirror):
-    c, s = math.cos(angle), math.sin(angle)
-    dx, dy = (X - cx) / r, (Y - cy) / r
-    return shape_mask(shape, c * dx + s * dy, (c * dy - s * dx) * mirror)
+def _render(background, objects, size, supersample):
+    """One grey frame (size, size) float32, antialiased by drawing it `supersample` times larger,
+    and its instance map (size, size) uint8 sampled at the pixel centres (0 background, k for the
+    k-th object, a later object in front). objects: (shape, x, y, radius, angle, mirror, level)."""
+    grid = (np.arange(size * supersample) + 0.5) / supersample
+    X, Y = grid[None, :], grid[:, None]  # the subpixel centres, broadcast to (size·supersample)²
+    image, ids = np.full((len(grid),) * 2, background, np.float32), np.zeros((len(grid),) * 2, np.uint8)
+    for k, (shape, cx, cy, r, angle, mirror, level) in enumerate(objects):
+        c, s = math.cos(angle), math.sin(angle)
+        dx, dy = (X - cx) / r, (Y - cy) / r
+        inside = shape_mask(shape, c * dx + s * dy, (c * dy - s * dx) * mirror)  # in the shape's frame
+        image[inside], ids[inside] = level, k + 1
+    mid = supersample // 2
+    return image.reshape(size, supersample, size, supersample).mean((1, 3)), ids[mid::supersample, mid::supersample]
 
 
 def _to_uint8(images, rng):
@@ -133,25 +132,19 @@ def make_scenes(n, frames=1, size=64, objects=3, seed=0, supersample=3):
     mirror and grey level; in a clip it moves at up to 1.5 px and turns up to 0.1 rad per frame,
     bouncing off the borders, so objects can pass in front of each other."""
     rng = np.random.default_rng(seed)
-    grid = (np.arange(size * supersample) + 0.5) / supersample
-    Y, X = np.meshgrid(grid, grid, indexing="ij")
     classes = rng.integers(0, len(SHAPES), (n, objects))
     images = np.empty((n, frames, size, size), np.float32)
-    ids = np.zeros((n, frames, size * supersample, size * supersample), np.uint8)
+    ids = np.empty((n, frames, size, size), np.uint8)
     for i in range(n):
         placed, background = [], rng.uniform(0.0, 0.35)
         moves = [(*_place(rng, size, placed, (0.1, 0.16)), rng.uniform(0, 2 * np.pi), rng.choice([-1.0, 1.0]),
                   rng.uniform(0.65, 1.0), *rng.uniform(-1.5, 1.5, 2), rng.uniform(-0.1, 0.1)) for _ in range(objects)]
         for t in range(frames):
-            image = np.full(X.shape, background, np.float32)
-            for k, (cx, cy, r, angle, mirror, level, vx, vy, spin) in enumerate(moves):
-                x, y = (_bounce(c + t * v, r, size - r) for c, v in ((cx, vx), (cy, vy)))
-                inside = _inside(SHAPES[classes[i, k]], X, Y, x, y, r, angle + t * spin, mirror)
-                image[inside], ids[i, t][inside] = level, k + 1
-            images[i, t] = image.reshape(size, supersample, size, supersample).mean((1, 3))
-    mid = supersample // 2  # the instance map samples each pixel's centre
-    return _to_uint8(images, rng), torch.from_numpy(ids[..., mid::supersample, mid::supersample].copy()), \
-        torch.from_numpy(classes)
+            at_t = [(SHAPES[classes[i, k]], _bounce(cx + t * vx, r, size - r), _bounce(cy + t * vy, r, size - r),
+                     r, angle + t * spin, mirror, level)
+                    for k, (cx, cy, r, angle, mirror, level, vx, vy, spin) in enumerate(moves)]
+            images[i, t], ids[i, t] = _render(background, at_t, size, supersample)
+    return _to_uint8(images, rng), torch.from_numpy(ids), torch.from_numpy(classes)
 
 
 def _bounce(x, lo, hi):
@@ -196,10 +189,10 @@ class FolderImages(torch.utils.data.Dataset):
     image (random-resized crops + flips, done in the worker on the full-resolution image, as the
     official pipeline) when `crops` is set, else the evaluation view (resize, centre crop)."""
 
-    def __init__(self, files, labels, classes, eval_size=224):
+    def __init__(self, files, labels, classes, eval_size=224, skip_bad=False):
         self.files, self.labels, self.classes = files, torch.tensor(labels), classes
         self.crops, self.eval_size = None, eval_size
-        self.skip_bad = False  # --skip_bad_images: an unreadable image is replaced by the next one
+        self.skip_bad = skip_bad  # --skip_bad_images: an unreadable image is replaced by the next one
 
     def __len__(self):
         return len(self.files)
@@ -221,9 +214,8 @@ class FolderImages(torch.utils.data.Dataset):
         index, seed = item if isinstance(item, tuple) else (item, 0)
         im = self.load(index)
         if self.crops is None:  # evaluation: resize to 256/224 of the size, centre crop
-            im = TF.center_crop(TF.resize(im, int(self.eval_size * 256 / 224),
-                                          TF.InterpolationMode.BICUBIC), self.eval_size)
-            return TF.pil_to_tensor(im), self.labels[index]
+            im = TF.resize(im, int(self.eval_size * 256 / 224), TF.InterpolationMode.BICUBIC)
+            return TF.pil_to_tensor(TF.center_crop(im, self.eval_size)), self.labels[index]
         g = torch.Generator().manual_seed(seed)
         out = []
         for size, scale, count in self.crops:
@@ -236,32 +228,32 @@ class FolderImages(torch.utils.data.Dataset):
 
 
 def _read_idx_gz(path):
-    """An MNIST-format idx file (gzipped) as a numpy array."""
+    """An MNIST-format idx file (gzipped) as a uint8 tensor."""
     with gzip.open(path, "rb") as f:
         data = f.read()
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    return torch.from_numpy(np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy())
 
 
 def _fashion_mnist(data_path, train):
+    """The idx files in data_path, its FashionMNIST/raw or Debian's package, else torchvision's download."""
     prefix = "train" if train else "t10k"
     names = (f"{prefix}-images-idx3-ubyte.gz", f"{prefix}-labels-idx1-ubyte.gz")
     roots = [Path(data_path), Path(data_path) / "FashionMNIST" / "raw"] if data_path else []
     roots.append(Path("/usr/share/datasets/fashion-mnist"))  # Debian's dataset-fashion-mnist
-    for root in roots:
-        if all((root / n).is_file() for n in names):
-            x, y = (_read_idx_gz(root / n) for n in names)
-            x = torch.from_numpy(x.copy()).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
-            return TensorImages(x, torch.from_numpy(y.astype(np.int64)), 10)
-    import torchvision
-    try:
-        ds = torchvision.datasets.FashionMNIST(data_path or "data", train=train, download=True)
-    except Exception as e:
-        raise DataError(f"fashion-mnist not found under {data_path!r} nor in "
-                        f"/usr/share/datasets/fashion-mnist, and the download failed: {e}") from None
-    x = ds.data.unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
-    return TensorImages(x, ds.targets.long(), 10)
+    found = [root for root in roots if all((root / n).is_file() for n in names)]
+    if found:
+        x, y = (_read_idx_gz(found[0] / n) for n in names)
+    else:
+        import torchvision
+        try:
+            ds = torchvision.datasets.FashionMNIST(data_path or "data", train=train, download=True)
+        except Exception as e:
+            raise DataError(f"fashion-mnist not found under {data_path!r} nor in "
+                            f"/usr/share/datasets/fashion-mnist, and the download failed: {e}") from None
+        x, y = ds.data, ds.targets
+    return TensorImages(x.unsqueeze(1).expand(-1, 3, -1, -1).contiguous(), y.long(), 10)  # grey -> RGB
 
 
 def _torchvision_dataset(name, data_path, train):
@@ -286,20 +278,18 @@ def _image_folder(root, eval_size):
     if not root.is_dir():
         raise DataError(f"--data_path {str(root)!r} is not a directory")
 
-    def scan(folder):
-        classes = sorted(d.name for d in folder.iterdir() if d.is_dir())
-        files = [[str(p) for p in sorted((folder / c).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
-                 for c in classes]
-        if not classes or not any(files):
+    def scan(folder):  # {class: its image files}, classes in sorted order
+        files = {c: [str(p) for p in sorted((folder / c).rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS]
+                 for c in sorted(d.name for d in folder.iterdir() if d.is_dir())}
+        if not any(files.values()):
             raise DataError(f"no images found in {str(folder)!r} (expected {folder}/<class>/<image>)")
-        return classes, files
+        return files
 
     if (root / "train").is_dir() and (root / "val").is_dir():
-        classes, train = scan(root / "train")
-        val_classes, val = scan(root / "val")
-        val = [val[val_classes.index(c)] if c in val_classes else [] for c in classes]
-        return _folder_images(train, eval_size), _folder_images(val, eval_size)
-    return _hold_out_every_10th(*scan(root), eval_size)
+        train, val = scan(root / "train"), scan(root / "val")
+        val = [val.get(c, []) for c in train]  # in train's classes
+        return _folder_images(list(train.values()), eval_size), _folder_images(val, eval_size)
+    return _hold_out_every_10th(list(scan(root).values()), eval_size)
 
 
 def _image_list(path, eval_size):
@@ -312,18 +302,16 @@ def _image_list(path, eval_size):
         raise DataError(f"cannot read the image list {path!r}: {e}") from None
     if not lines:
         raise DataError(f"the image list {path!r} names no image")
-    entries = [line.split("\t", 1) if "\t" in line else (line, Path(line).parent.name) for line in lines]
-    classes = sorted({label for _, label in entries})
-    files = [[] for _ in classes]
-    for file, label in entries:
-        files[classes.index(label)].append(str(Path(path).parent / file))  # absolute paths stay as they are
-    return _hold_out_every_10th(classes, files, eval_size)
+    per_class = {}
+    for line in lines:
+        file, label = line.split("\t", 1) if "\t" in line else (line, Path(line).parent.name)
+        per_class.setdefault(label, []).append(str(Path(path).parent / file))  # absolute paths stay as they are
+    return _hold_out_every_10th([per_class[c] for c in sorted(per_class)], eval_size)
 
 
-def _hold_out_every_10th(classes, files, eval_size):
-    train = [[f for i, f in enumerate(fs) if i % 10 != 9] for fs in files]
-    val = [[f for i, f in enumerate(fs) if i % 10 == 9] for fs in files]
-    return _folder_images(train, eval_size), _folder_images(val, eval_size)
+def _hold_out_every_10th(per_class, eval_size):
+    train = [[f for i, f in enumerate(fs) if i % 10 != 9] for fs in per_class]
+    return _folder_images(train, eval_size), _folder_images([fs[9::10] for fs in per_class], eval_size)
 
 
 def _folder_images(per_class, eval_size):
@@ -337,10 +325,8 @@ def subset(dataset, indices):
     idx = list(indices)
     if isinstance(dataset, TensorImages):
         return TensorImages(dataset.images[idx], dataset.labels[idx], dataset.classes)
-    out = FolderImages([dataset.files[i] for i in idx], dataset.labels[idx].tolist(), dataset.classes,
-                       dataset.eval_size)
-    out.skip_bad = dataset.skip_bad
-    return out
+    return FolderImages([dataset.files[i] for i in idx], dataset.labels[idx].tolist(), dataset.classes,
+                        dataset.eval_size, dataset.skip_bad)
 
 
 def cache_dir():
@@ -352,7 +338,8 @@ def cache_dir():
 def _synthetic_version():
     import hashlib
     import inspect
-    source = "".join(inspect.getsource(f) for f in (make_synthetic, _place, _inside, _to_uint8, shape_mask)) + repr(SHAPES) + np.__version__
+    source = "".join(inspect.getsource(f) for f in (make_synthetic, _place, _render, _to_uint8, shape_mask))
+    source += repr(SHAPES) + np.__version__
     return hashlib.sha256(source.encode()).hexdigest()[:12]
 
 
@@ -466,9 +453,8 @@ def color_jitter(x, g, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, re
     in an order drawn at random for each image (as torchvision does). `record`, a dict, receives
     the drawn factors (n,) and orders (n, 4) (0 brightness, 1 contrast, 2 saturation, 3 hue)."""
     n, dev = x.shape[0], x.device
-    b = torch.empty(n).uniform_(1 - brightness, 1 + brightness, generator=g).to(dev).view(-1, 1, 1, 1)
-    c = torch.empty(n).uniform_(1 - contrast, 1 + contrast, generator=g).to(dev).view(-1, 1, 1, 1)
-    s = torch.empty(n).uniform_(1 - saturation, 1 + saturation, generator=g).to(dev).view(-1, 1, 1, 1)
+    b, c, s = (torch.empty(n).uniform_(1 - f, 1 + f, generator=g).to(dev).view(-1, 1, 1, 1)
+               for f in (brightness, contrast, saturation))
     h = torch.empty(n).uniform_(-hue, hue, generator=g).to(dev)
     order = torch.rand(n, 4, generator=g).argsort(1).to(dev)  # a random permutation per image
     if record is not None:
@@ -514,8 +500,6 @@ class MultiCrop:
         self.blur_sigma = tuple(s * global_size / 224 for s in blur_sigma)
         # DINOv2's blur has 9 taps (radius 4) at 224 pixels: scaled the same way; 0: ⌈3σ⌉ (DINO)
         self.blur_radius = max(1, round(blur_kernel_size // 2 * global_size / 224)) if blur_kernel_size else None
-        self.mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-        self.std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
 
     def crop_plan(self):
         """(size, scale range, count) of each crop group, in output order."""
@@ -527,55 +511,48 @@ class MultiCrop:
         normalise. x: (n, 3, h, w) in [0, 1]. `record`, a dict, receives the probabilities (`p`),
         which images got each operation (n,) bool, the jitter factors and the blur σ (n,)."""
         n, dev = x.shape[0], x.device
-        applied = {}
+        record = {} if record is None else record
+        record.update(p={"jitter": 0.8, "grey": 0.2, "blur": blur_p, "solarize": solarize_p},
+                      blur=torch.zeros(n, dtype=torch.bool), solarize=torch.zeros(n, dtype=torch.bool))
 
         def coin(op, p):  # which images get operation `op`
-            applied[op] = torch.rand(n, generator=g) < p
-            return applied[op].to(dev).view(-1, 1, 1, 1)
+            record[op] = torch.rand(n, generator=g) < p
+            return record[op].to(dev).view(-1, 1, 1, 1)
         x = torch.where(coin("jitter", 0.8), color_jitter(x, g, record=record), x)
         x = torch.where(coin("grey", 0.2), grey(x).expand(-1, 3, -1, -1), x)
-        sigma = torch.empty(n).uniform_(*self.blur_sigma, generator=g)
+        record["sigma"] = sigma = torch.empty(n).uniform_(*self.blur_sigma, generator=g)
         x = torch.where(coin("blur", blur_p), gaussian_blur(x, sigma, self.blur_radius), x) if blur_p > 0 else x
         if solarize_p > 0:  # PIL's ImageOps.solarize: invert pixels at or above 128
             x = torch.where(coin("solarize", solarize_p), torch.where(x >= 128 / 255, 1 - x, x), x)
-        if record is not None:
-            none = torch.zeros(n, dtype=torch.bool)
-            record.update({"blur": none, "solarize": none, **applied}, sigma=sigma,
-                          p={"jitter": 0.8, "grey": 0.2, "blur": blur_p, "solarize": solarize_p})
-        return (x - self.mean.to(dev)) / self.std.to(dev)
+        return normalize(x)
 
     def __call__(self, images, g, record=None):
         """`record`, a list, receives one dict per crop, in output order: what `photometric`
         records, per image (B,), and for in-memory images the crop boxes (B, 4) (top, left, h, w)
         and flips (B,). Recording changes no draw and no output."""
-        groups, geometry = [], []
+        groups, drawn = [], [{}, {}, {}]  # per group (global 1, global 2, locals): its crops, what was drawn
         if isinstance(images, (list, tuple)):  # crops from FolderImages workers
             groups = [images[0], images[1], torch.cat(images[2:]) if self.local_number else None]
             groups = [x.float() / 255 if x is not None else None for x in groups]
         else:
             B, _, H, W = images.shape
             x = images.float() / 255
-            for size, scale, count in self.crop_plan():
-                if count == 0:
-                    groups.append(None)
-                    continue
+            for (size, scale, count), geometry in zip(self.crop_plan(), drawn):
                 boxes = random_resized_crop_boxes(B * count, H, W, scale, g)
                 flips = torch.rand(B * count, generator=g) < 0.5
-                groups.append(resized_crops(x.repeat(count, 1, 1, 1), boxes, flips, size))
-                geometry.append({"box": boxes, "flip": flips})
+                groups.append(resized_crops(x.repeat(count, 1, 1, 1), boxes, flips, size) if count else None)
+                geometry.update(box=boxes, flip=flips)
         # Blur p 1.0 / 0.1 / 0.5 is DINO's, and what DINOv2 intends: its GaussianBlur hands 1 − p to
         # RandomApply, so its code blurs global crop 1 never, global crop 2 with p 0.9 and locals
         # with 0.5 (a known bug). We use the intended values for both methods.
-        drawn = [{} if record is not None else None for _ in range(3)]
         crops = [self.photometric(groups[0], g, blur_p=1.0, solarize_p=0.0, record=drawn[0]),
                  self.photometric(groups[1], g, blur_p=0.1, solarize_p=0.2, record=drawn[1])]
         if self.local_number:
-            crops += self.photometric(groups[2], g, blur_p=0.5, solarize_p=0.0,
-                                      record=drawn[2]).chunk(self.local_number)
+            local = self.photometric(groups[2], g, blur_p=0.5, solarize_p=0.0, record=drawn[2])
+            crops += local.chunk(self.local_number)
         if record is not None:  # one dict per crop: the locals' batch cut as their crops are
-            for group, count in enumerate((1, 1, self.local_number)):
-                both = {**drawn[group], **(geometry[group] if geometry and count else {})}
-                record += [{key: v if key == "p" else v.chunk(count)[k] for key, v in both.items()}
+            for group, count in zip(drawn, (1, 1, self.local_number)):
+                record += [{key: v if key == "p" else v.chunk(count)[k] for key, v in group.items()}
                            for k in range(count)]
         return crops
 
@@ -595,7 +572,6 @@ def block_mask(h, w, n_mask, g, min_patches=4, max_patches=None, min_aspect=0.3)
     count = 0
     while count < n_mask:
         room = min(n_mask - count, max_patches)
-        added = 0
         for _ in range(10):
             area, aspect = uniform(min_patches, room), math.exp(uniform(*log_aspect))
             bh, bw = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
@@ -605,12 +581,10 @@ def block_mask(h, w, n_mask, g, min_patches=4, max_patches=None, min_aspect=0.3)
                 new = bh * bw - int(mask[top:top + bh, left:left + bw].sum())
                 if 0 < new <= room:
                     mask[top:top + bh, left:left + bw] = True
-                    added = new
-            if added:
-                break
-        if added == 0:
+                    count += new
+                    break
+        else:  # no block added in 10 tries
             break
-        count += added
     return mask
 
 
@@ -621,12 +595,10 @@ def sample_masks(n, h, w, ratio_min_max=(0.1, 0.5), probability=0.5, g=None):
     N, n_masked = h * w, int(n * probability)
     edges = torch.linspace(ratio_min_max[0], ratio_min_max[1], n_masked + 1).tolist()
     masks = []
-    for i in range(n):
-        if i < n_masked:
-            ratio = edges[i] + (edges[i + 1] - edges[i]) * torch.rand((), generator=g).item()
-            masks.append(block_mask(h, w, int(N * ratio), g, max_patches=int(0.5 * N)))
-        else:
-            masks.append(torch.zeros(h, w, dtype=torch.bool))
+    for i in range(n_masked):
+        ratio = edges[i] + (edges[i + 1] - edges[i]) * torch.rand((), generator=g).item()
+        masks.append(block_mask(h, w, int(N * ratio), g, max_patches=int(0.5 * N)))
+    masks += [torch.zeros(h, w, dtype=torch.bool)] * (n - n_masked)  # the unmasked rest
     order = torch.randperm(n, generator=g)
     return torch.stack(masks).flatten(1)[order]
 
