@@ -10,7 +10,7 @@ official DINO `vision_transformer.py`.
 Letters used in shape comments: B batch, N patch tokens, T all tokens (1 + R + N), R registers,
 D width, H heads, d head width (D / H), P patch size.
 
-    model = vit_small(patch_size=16)
+    model = build_vit("vit_small", patch_size=16)
     out = model.forward_features(images)   # dict of normalised CLS / register / patch tokens
     cls = model(images)                     # (B, D) normalised CLS token
     attn = model.get_last_selfattention(images)   # (B, H, T, T) last block's attention
@@ -175,10 +175,8 @@ class VisionTransformer(nn.Module):
         self.register_tokens = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
         # replaces masked patches (iBOT); only created when used, so DDP sees no unused parameter
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim)) if use_mask_token else None
-        if drop_path_uniform:  # DINOv2: the same rate in every block
-            dpr = [drop_path_rate] * depth
-        else:                  # DINO: linearly increasing with depth
-            dpr = torch.linspace(0, drop_path_rate, depth).tolist()
+        # drop path rate per block: DINOv2's the same in every block, DINO's linearly increasing with depth
+        dpr = [drop_path_rate] * depth if drop_path_uniform else torch.linspace(0, drop_path_rate, depth).tolist()
         if ffn_layer not in ("mlp", "swiglufused"):
             raise ValueError(f"unknown ffn_layer {ffn_layer!r}; choose mlp or swiglufused")
         ffn = lambda: SwiGLU(embed_dim, int(embed_dim * mlp_ratio)) if ffn_layer == "swiglufused" else None
@@ -214,8 +212,7 @@ class VisionTransformer(nn.Module):
         (facebookresearch/dino issue 8); 0 asks for the output size directly. DINOv2's options:
         `interpolate_offset` and `interpolate_antialias` (both as its defaults: 0.1, off)."""
         pos = self.pos_embed
-        n = pos.shape[1] - 1
-        side = int(math.sqrt(n))
+        side = int(math.sqrt(pos.shape[1] - 1))  # the learned grid: side x side patches
         if h == side and w == side:
             return pos
         patch_pos = pos[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
@@ -284,9 +281,3 @@ def build_vit(arch, patch_size=16, img_size=224, **kwargs):
     embed_dim, depth, num_heads = ARCHS[arch]
     return VisionTransformer(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
                              depth=depth, num_heads=num_heads, **kwargs)
-
-
-def vit_tiny(patch_size=16, **kw): return build_vit("vit_tiny", patch_size, **kw)
-def vit_small(patch_size=16, **kw): return build_vit("vit_small", patch_size, **kw)
-def vit_base(patch_size=16, **kw): return build_vit("vit_base", patch_size, **kw)
-def vit_large(patch_size=16, **kw): return build_vit("vit_large", patch_size, **kw)
