@@ -68,9 +68,8 @@ TRITON_HEAD_DIMS = (16, 32, 64, 128)  # powers of two (tl.arange), ≥ 16 (tl.do
 LOG2E = math.log2(math.e)
 
 
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Reference: the `math` backend
-# ---------------------------------------------------------------------------------------------
 
 def attention_weights(q, k):
     """softmax(Q·Kᵀ/√d) over the keys: (B, H, N, d), (B, H, N, d) -> (B, H, N, N)."""
@@ -83,12 +82,11 @@ def math_attention(q, k, v):
     return attention_weights(q, k) @ v
 
 
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Triton kernels. Q, K, V share the strides (sb, sh, sn) over (B, H, N); d has stride 1.
 # O, dO, dQ, dK, dV are contiguous (B, H, N, d); L and D are contiguous (B, H, N) in fp32.
 # Each launch is a 1-D grid over (batch·head, block), the block index running fastest, so the
 # programs of one head run side by side and share its K and V in the L2 cache.
-# ---------------------------------------------------------------------------------------------
 
 if triton is not None:
 
@@ -105,45 +103,57 @@ if triton is not None:
         return m_new, l, acc
 
     @triton.jit
+    def _program(sb, sh, H, N, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+        """The (batch·head bh, block index) this program owns, the offset of that (batch, head) in
+        Q, K, V (strides sb, sh) and its offset in O, dO, dQ, dK, dV. int64: B·sb can pass 2³¹."""
+        pid, num_blocks = tl.program_id(0), tl.cdiv(N, BLOCK)
+        bh = pid // num_blocks
+        qkv_off = (bh // H).to(tl.int64) * sb + (bh % H) * sh
+        return bh, pid % num_blocks, qkv_off, bh.to(tl.int64) * N * HEAD_DIM
+
+    @triton.jit
+    def _load_rows(X, rows, stride, N, HEAD_DIM: tl.constexpr):
+        """Rows `rows` of one head's (N, d) matrix X, `stride` apart -> (len(rows), d); rows past N read 0."""
+        dims = tl.arange(0, HEAD_DIM)
+        return tl.load(X + rows[:, None] * stride + dims[None, :], mask=rows[:, None] < N, other=0.0)
+
+    @triton.jit
+    def _store_rows(X, rows, x, N, HEAD_DIM: tl.constexpr):
+        """x (len(rows), d) into rows `rows` of one head's contiguous (N, d) X, in X's dtype; rows past N are left."""
+        dims = tl.arange(0, HEAD_DIM)
+        tl.store(X + rows[:, None] * HEAD_DIM + dims[None, :], x.to(X.dtype.element_ty), mask=rows[:, None] < N)
+
+    @triton.jit
     def _attn_fwd(Q, K, V, O, L, sb, sh, sn, H, N, qk_scale,
                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                   PRECISION: tl.constexpr):
         """Algorithm 1 for one query block Qᵢ of one (batch, head): writes Oᵢ and Lᵢ."""
-        pid, num_blocks = tl.program_id(0), tl.cdiv(N, BLOCK_M)
-        bh, i = pid // num_blocks, pid % num_blocks  # (batch·head, query block)
-        qkv_off = (bh // H).to(tl.int64) * sb + (bh % H) * sh  # int64: B·sb can pass 2³¹
+        bh, i, qkv_off, out_off = _program(sb, sh, H, N, HEAD_DIM, BLOCK_M)  # i: the query block
         Q, K, V = Q + qkv_off, K + qkv_off, V + qkv_off  # this (batch, head)
-        O, L = O + bh.to(tl.int64) * N * HEAD_DIM, L + bh * N
+        O, L = O + out_off, L + bh * N
         rows = i * BLOCK_M + tl.arange(0, BLOCK_M)  # the query rows of block i
-        cols = tl.arange(0, BLOCK_N)  # the key rows of block j, minus j·BLOCK_N
-        dims = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + rows[:, None] * sn + dims[None, :], mask=rows[:, None] < N, other=0.0)
+        q = _load_rows(Q, rows, sn, N, HEAD_DIM)
 
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running row max of S (log₂ units)
         l = tl.zeros([BLOCK_M], tl.float32)  # running row sum ℓ of 2^(S − m)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)  # Õ
         for start in range(0, N, BLOCK_N):
-            keys = start + cols
-            k = tl.load(K + keys[:, None] * sn + dims[None, :], mask=keys[:, None] < N, other=0.0)
-            v = tl.load(V + keys[:, None] * sn + dims[None, :], mask=keys[:, None] < N, other=0.0)
+            keys = start + tl.arange(0, BLOCK_N)  # the key rows of block j = start / BLOCK_N
+            k = _load_rows(K, keys, sn, N, HEAD_DIM)
+            v = _load_rows(V, keys, sn, N, HEAD_DIM)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # Sᵢⱼ·log₂e
             s = tl.where(keys[None, :] < N, s, float("-inf"))  # keys past N do not exist
             m, l, acc = _online_softmax_step(s, v, m, l, acc, PRECISION)
-        acc = acc / l[:, None]  # Oᵢ = Õ / ℓ
-        tl.store(O + rows[:, None] * HEAD_DIM + dims[None, :], acc.to(O.dtype.element_ty),
-                 mask=rows[:, None] < N)
+        _store_rows(O, rows, acc / l[:, None], N, HEAD_DIM)  # Oᵢ = Õ / ℓ
         tl.store(L + rows, m + tl.log2(l), mask=rows < N)  # Lᵢ = m + log ℓ, in base 2
 
     @triton.jit
     def _attn_bwd_preprocess(O, dO, D, N, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
         """D = rowsum(dO ∘ O) for one query block: the row term of the softmax backward."""
-        pid, num_blocks = tl.program_id(0), tl.cdiv(N, BLOCK_M)
-        bh, i = pid // num_blocks, pid % num_blocks  # (batch·head, query block)
+        bh, i, _, out_off = _program(0, 0, 1, N, HEAD_DIM, BLOCK_M)  # no Q, K, V here: sb = sh = 0, H = 1
         rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
-        O, dO = O + bh.to(tl.int64) * N * HEAD_DIM, dO + bh.to(tl.int64) * N * HEAD_DIM
-        off = rows[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
-        o = tl.load(O + off, mask=rows[:, None] < N, other=0.0).to(tl.float32)
-        do = tl.load(dO + off, mask=rows[:, None] < N, other=0.0).to(tl.float32)
+        o = _load_rows(O + out_off, rows, HEAD_DIM, N, HEAD_DIM).to(tl.float32)
+        do = _load_rows(dO + out_off, rows, HEAD_DIM, N, HEAD_DIM).to(tl.float32)
         tl.store(D + bh * N + rows, tl.sum(o * do, 1), mask=rows < N)
 
     @triton.jit
@@ -151,25 +161,19 @@ if triton is not None:
                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                        PRECISION: tl.constexpr):
         """dKⱼ and dVⱼ for one key block: walks over the query blocks, recomputing Pᵢⱼ from L."""
-        pid, num_blocks = tl.program_id(0), tl.cdiv(N, BLOCK_N)
-        bh, j = pid // num_blocks, pid % num_blocks  # (batch·head, key block)
-        qkv_off = (bh // H).to(tl.int64) * sb + (bh % H) * sh
+        bh, j, qkv_off, out_off = _program(sb, sh, H, N, HEAD_DIM, BLOCK_N)  # j: the key block
         Q, K, V = Q + qkv_off, K + qkv_off, V + qkv_off
-        out_off = bh.to(tl.int64) * N * HEAD_DIM
         dO, dK, dV, L, D = dO + out_off, dK + out_off, dV + out_off, L + bh * N, D + bh * N
         keys = j * BLOCK_N + tl.arange(0, BLOCK_N)  # the key rows of block j
-        rows0 = tl.arange(0, BLOCK_M)  # the query rows of block i, minus i·BLOCK_M
-        dims = tl.arange(0, HEAD_DIM)
-        k = tl.load(K + keys[:, None] * sn + dims[None, :], mask=keys[:, None] < N, other=0.0)
-        v = tl.load(V + keys[:, None] * sn + dims[None, :], mask=keys[:, None] < N, other=0.0)
+        k = _load_rows(K, keys, sn, N, HEAD_DIM)
+        v = _load_rows(V, keys, sn, N, HEAD_DIM)
 
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         for start in range(0, N, BLOCK_M):
-            rows = start + rows0
-            q = tl.load(Q + rows[:, None] * sn + dims[None, :], mask=rows[:, None] < N, other=0.0)
-            do = tl.load(dO + rows[:, None] * HEAD_DIM + dims[None, :], mask=rows[:, None] < N,
-                         other=0.0)
+            rows = start + tl.arange(0, BLOCK_M)  # the query rows of block i = start / BLOCK_M
+            q = _load_rows(Q, rows, sn, N, HEAD_DIM)
+            do = _load_rows(dO, rows, HEAD_DIM, N, HEAD_DIM)
             lse = tl.load(L + rows, mask=rows < N, other=0.0)
             delta = tl.load(D + rows, mask=rows < N, other=0.0)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # Sᵢⱼ·log₂e
@@ -180,54 +184,42 @@ if triton is not None:
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dPᵢⱼ = dOᵢ·Vⱼᵀ
             ds = p * (dp - delta[:, None])  # dSᵢⱼ = Pᵢⱼ ∘ (dPᵢⱼ − Dᵢ)
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)  # dKⱼ += dSᵢⱼᵀ·Qᵢ
-        dk *= sm_scale  # the 1/√d of Sᵢⱼ = Qᵢ·Kⱼᵀ/√d
-        tl.store(dK + keys[:, None] * HEAD_DIM + dims[None, :], dk.to(dK.dtype.element_ty),
-                 mask=keys[:, None] < N)
-        tl.store(dV + keys[:, None] * HEAD_DIM + dims[None, :], dv.to(dV.dtype.element_ty),
-                 mask=keys[:, None] < N)
+        _store_rows(dK, keys, dk * sm_scale, N, HEAD_DIM)  # the 1/√d of Sᵢⱼ = Qᵢ·Kⱼᵀ/√d
+        _store_rows(dV, keys, dv, N, HEAD_DIM)
 
     @triton.jit
     def _attn_bwd_dq(Q, K, V, dO, L, D, dQ, sb, sh, sn, H, N, qk_scale, sm_scale,
                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      PRECISION: tl.constexpr):
         """dQᵢ for one query block: walks over the key blocks, recomputing Pᵢⱼ from L."""
-        pid, num_blocks = tl.program_id(0), tl.cdiv(N, BLOCK_M)
-        bh, i = pid // num_blocks, pid % num_blocks  # (batch·head, query block)
-        qkv_off = (bh // H).to(tl.int64) * sb + (bh % H) * sh
+        bh, i, qkv_off, out_off = _program(sb, sh, H, N, HEAD_DIM, BLOCK_M)  # i: the query block
         Q, K, V = Q + qkv_off, K + qkv_off, V + qkv_off
-        out_off = bh.to(tl.int64) * N * HEAD_DIM
         dO, dQ, L, D = dO + out_off, dQ + out_off, L + bh * N, D + bh * N
-        rows = i * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, BLOCK_N)
-        dims = tl.arange(0, HEAD_DIM)
-        q = tl.load(Q + rows[:, None] * sn + dims[None, :], mask=rows[:, None] < N, other=0.0)
-        do = tl.load(dO + rows[:, None] * HEAD_DIM + dims[None, :], mask=rows[:, None] < N,
-                     other=0.0)
+        rows = i * BLOCK_M + tl.arange(0, BLOCK_M)  # the query rows of block i
+        q = _load_rows(Q, rows, sn, N, HEAD_DIM)
+        do = _load_rows(dO, rows, HEAD_DIM, N, HEAD_DIM)
         lse = tl.load(L + rows, mask=rows < N, other=0.0)
         delta = tl.load(D + rows, mask=rows < N, other=0.0)
 
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         for start in range(0, N, BLOCK_N):
-            keys = start + cols
-            k = tl.load(K + keys[:, None] * sn + dims[None, :], mask=keys[:, None] < N, other=0.0)
-            v = tl.load(V + keys[:, None] * sn + dims[None, :], mask=keys[:, None] < N, other=0.0)
+            keys = start + tl.arange(0, BLOCK_N)  # the key rows of block j = start / BLOCK_N
+            k = _load_rows(K, keys, sn, N, HEAD_DIM)
+            v = _load_rows(V, keys, sn, N, HEAD_DIM)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # Sᵢⱼ·log₂e
             s = tl.where(keys[None, :] < N, s, float("-inf"))  # keys past N do not exist
             p = tl.exp2(s - lse[:, None])  # Pᵢⱼ = exp(Sᵢⱼ − Lᵢ)
             dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # dPᵢⱼ = dOᵢ·Vⱼᵀ
             ds = p * (dp - delta[:, None])  # dSᵢⱼ = Pᵢⱼ ∘ (dPᵢⱼ − Dᵢ)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)  # dQᵢ += dSᵢⱼ·Kⱼ
-        dq *= sm_scale  # the 1/√d of Sᵢⱼ = Qᵢ·Kⱼᵀ/√d
-        tl.store(dQ + rows[:, None] * HEAD_DIM + dims[None, :], dq.to(dQ.dtype.element_ty),
-                 mask=rows[:, None] < N)
+        _store_rows(dQ, rows, dq * sm_scale, N, HEAD_DIM)  # the 1/√d of Sᵢⱼ = Qᵢ·Kⱼᵀ/√d
 
     # Triton decides at `@triton.jit` time whether a kernel is compiled or interpreted.
     _INTERPRETED = not isinstance(_attn_fwd, triton.runtime.JITFunction)
 
 
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # autograd.Function: launches the kernels
-# ---------------------------------------------------------------------------------------------
 
 def _launch_config(q):
     """Tile sizes and launch options: 64×64 tiles, or 32×32 when a row of Q is wider than 128
@@ -237,8 +229,7 @@ def _launch_config(q):
     # fp32 dots in IEEE fp32 unless torch allows TF32 (torch.set_float32_matmul_precision);
     # None is Triton's default (TF32 on NVIDIA; fp16 and bf16 ignore the option).
     ieee = q.dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest"
-    return dict(BLOCK_M=block, BLOCK_N=block, PRECISION="ieee" if ieee else None,
-                num_warps=4, num_stages=2)
+    return dict(BLOCK_M=block, BLOCK_N=block, PRECISION="ieee" if ieee else None, num_warps=4, num_stages=2)
 
 
 class FlashAttention(torch.autograd.Function):
@@ -253,8 +244,7 @@ class FlashAttention(torch.autograd.Function):
         o = torch.empty(B, H, N, d, device=q.device, dtype=q.dtype)
         lse = torch.empty(B, H, N, device=q.device, dtype=torch.float32)  # L, in log₂ units
         grid = (B * H * triton.cdiv(N, cfg["BLOCK_M"]),)
-        _attn_fwd[grid](q, k, v, o, lse, *q.stride()[:3], H, N, d ** -0.5 * LOG2E,
-                        HEAD_DIM=d, **cfg)
+        _attn_fwd[grid](q, k, v, o, lse, *q.stride()[:3], H, N, d ** -0.5 * LOG2E, HEAD_DIM=d, **cfg)
         ctx.save_for_backward(q, k, v, o, lse)
         return o
 
@@ -271,16 +261,13 @@ class FlashAttention(torch.autograd.Function):
         grid_n = (B * H * triton.cdiv(N, cfg["BLOCK_N"]),)
         strides, scales = q.stride()[:3], (d ** -0.5 * LOG2E, d ** -0.5)
         _attn_bwd_preprocess[grid_m](o, do, delta, N, HEAD_DIM=d, BLOCK_M=cfg["BLOCK_M"])
-        _attn_bwd_dkdv[grid_n](q, k, v, do, lse, delta, dk, dv, *strides, H, N, *scales,
-                               HEAD_DIM=d, **cfg)
-        _attn_bwd_dq[grid_m](q, k, v, do, lse, delta, dq, *strides, H, N, *scales,
-                             HEAD_DIM=d, **cfg)
+        _attn_bwd_dkdv[grid_n](q, k, v, do, lse, delta, dk, dv, *strides, H, N, *scales, HEAD_DIM=d, **cfg)
+        _attn_bwd_dq[grid_m](q, k, v, do, lse, delta, dq, *strides, H, N, *scales, HEAD_DIM=d, **cfg)
         return dq, dk, dv
 
 
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Public op
-# ---------------------------------------------------------------------------------------------
 
 def flash_attention(q, k, v):
     """The `triton` backend: (B, H, N, d) -> (B, H, N, d). Raises, never falls back."""
@@ -318,9 +305,8 @@ def attention(q, k, v, backend="sdpa"):
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
-# ---------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # Benchmark: python kernels/attention.py
-# ---------------------------------------------------------------------------------------------
 
 BENCH_SHAPES = [  # (name, B, H, N, d): DINO's crops, 128 images per GPU, bf16 as under autocast
     ("ViT-S/16 global 224²", 128, 6, 197, 64),
