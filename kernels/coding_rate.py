@@ -2,30 +2,30 @@
 (Wu et al. 2025, arXiv 2502.10385), batched over views, with an analytic backward.
 
     coding_rate(Z, eps, reduce_cov=False, n_global=None)     Z: (..., n, d) -> R: (...)
-    R(Z) = ½·logdet(I_d + α·ZᵀZ),   α = d / (n_global·eps),   n_global = n by default
+    R(Z) = ½·logdet(I_d + α·ZᵀZ),   α = d / (n_global·eps),   n_global = n·world_size by default
 
 Z holds n feature vectors of width d (one view of the batch); the leading dims are views.
 `eps` is the official code's `--eps` (SimDINO 0.5, SimDINOv2 0.05). It stands where the paper
 writes ε² (R = ½·logdet(I + d/(nε²)·ZᵀZ)): `eps` = ε², not ε.
 
 Computation. M = I + α·G with G the Gram matrix is positive definite for any finite Z (even Z of
-rank 1), so its Cholesky factor M = L·Lᵀ exists and ½·logdet M = Σ log diag L. The smaller side
-is used: with n < d, Sylvester's identity det(I_d + α·ZᵀZ) = det(I_n + α·Z·Zᵀ) gives the same R
-from an n×n matrix (not with reduce_cov: n×n Grams of different rows cannot be summed). Backward, from d(½·logdet M) = ½·tr(M⁻¹·dM):
+rank 1), so its Cholesky factor M = L·Lᵀ exists and ½·logdet M = Σ log diag L. With n < d,
+Sylvester's identity det(I_d + α·ZᵀZ) = det(I_n + α·Z·Zᵀ) gives R from the smaller n×n matrix
+(not with reduce_cov: n×n Grams of different rows cannot be summed). Backward, from
+d(½·logdet M) = ½·tr(M⁻¹·dM), one `cholesky_solve` against the saved L:
 
     d×d side   dR/dZ = α·Z·(I_d + α·ZᵀZ)⁻¹        n×n side   dR/dZ = α·(I_n + α·Z·Zᵀ)⁻¹·Z
 
-both one `cholesky_solve` against the saved L. Everything runs in fp32 (fp64 stays fp64) with
-autocast off: logdet in bf16 is noise. Batched `torch.logdet` (LU) is avoided on purpose: on CPU
-in this torch build it goes wrong after `torch.set_num_threads` (MKL SLASWP errors); Cholesky is
-right. A NaN/inf in Z raises ValueError instead of returning NaN; the check costs one host sync
-per call (on GPU `torch.linalg.cholesky` would pay the same one; we use `cholesky_ex` and test R
-and the factorization status together).
+Everything runs in fp32 (fp64 stays fp64) with autocast off: logdet in bf16 is noise. Batched
+`torch.logdet` (LU) is avoided on purpose: on CPU in this torch build it goes wrong after
+`torch.set_num_threads` (MKL SLASWP errors). A NaN/inf in Z raises ValueError instead of
+returning NaN, for one host sync per call (`cholesky_ex`; R and the factorization status are
+tested together, as `torch.linalg.cholesky` would sync on GPU anyway).
 
 Global batch under DDP (`reduce_cov=True`, the official `--reduce_cov 1`). The d×d Gram matrices
 are summed over ranks, so every rank returns the same R of the global batch of n·world_size
-rows. The official code does this with the differentiable `torch.distributed.nn.all_reduce`,
-whose backward sums the incoming gradients over ranks; we do the same. So on rank r
+rows. As the official code's differentiable `torch.distributed.nn.all_reduce`, the backward sums
+the incoming gradients over ranks. So on rank r
 
     value  R(Z_global)        gradient  (Σ_s g_s)·∂R/∂Z_r,   g_s = dloss_s/dR on rank s,
 
@@ -33,8 +33,6 @@ the gradient of the sum of all ranks' losses. DDP then averages over ranks: ever
 holds the same γ·R(Z_global), so the parameter gradients equal those of one process computing
 mean-over-ranks(local terms) + γ·R(Z_global) on the concatenated batch. Without a process group
 the reduce is a no-op. All ranks must call it with the same V, d (and, for α, the same n).
-Without `reduce_cov` each rank's R uses its local Gram matrix but, as the official code, the
-global count: α = d/(n·world_size·eps) (`n_global` overrides it).
 
     python -m kernels.coding_rate      # benchmark: ours vs autograd through torch.logdet
 """
@@ -107,15 +105,13 @@ if __name__ == "__main__":
     import time
 
     def median_ms(fn, Z, reps=20):
-        times = []
+        times, sync = [], torch.cuda.synchronize if Z.is_cuda else (lambda: None)
         for _ in range(reps + 2):                        # the first two are warm-up
             Zi = Z.detach().requires_grad_()
-            if Z.is_cuda:
-                torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
             fn(Zi, 0.5).sum().backward()
-            if Z.is_cuda:
-                torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - t)
         return 1e3 * sorted(times[2:])[reps // 2]
 
