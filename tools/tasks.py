@@ -22,6 +22,7 @@ the CLS token (and GeM-pooled patches for copy detection) for retrieval.
 - discover (MaskCut, Wang et al. 2023, after TokenCut): normalized cuts of the last block's key
   graph; box AP50 / AP75 / AP. COCO: val2017/ and annotations/instances_val2017.json.
 """
+import glob
 import json
 import math
 import os
@@ -110,10 +111,11 @@ def _required(path, dataset):
     return path
 
 
-def _files(folder, extensions=data_lib.IMAGE_EXTENSIONS):
+def _files(folder):
+    """The image files of a folder, sorted."""
     if not os.path.isdir(folder):
         raise data_lib.DataError(f"{folder} is not a directory (see `python eval.py --help` for the layouts)")
-    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(extensions))
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder) if f.lower().endswith(data_lib.IMAGE_EXTENSIONS))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,8 +127,8 @@ def segmentation_data(data_path, size, max_images=0):
     and the 10 shapes)."""
     if not data_path:
         images, ids, classes = data_lib.make_scenes(1300, size=size, seed=1)
-        labels = torch.where(ids[:, 0] > 0, classes.gather(1, (ids[:, 0].long() - 1).clamp(min=0).flatten(1))
-                             .view_as(ids[:, 0]) + 1, 0)
+        ids = ids[:, 0].long()                                                  # (N, S, S): object 1..3, 0
+        labels = F.pad(classes + 1, (1, 0)).gather(1, ids.flatten(1)).view_as(ids)  # object k -> its class + 1
         return images[:1000, 0], labels[:1000], images[1000:, 0], labels[1000:], ("background",) + data_lib.SHAPES
     root = _dataset_root(data_path, "ADEChallengeData2016")
     splits = []
@@ -327,15 +329,14 @@ def retrieval_data(data_path, size, g):
         database = torch.cat([make_copies(base, g, strong=False) for _ in range(3)])  # view v of i at v·500 + i
         positives = [[i, 500 + i, 1000 + i] for i in range(200)]
         return database, make_copies(base[:200], g, strong=False), positives, None, None
-    gnd_files = [f for f in os.listdir(data_path) if f.startswith("gnd_r") and f.endswith(".pkl")] \
-        if os.path.isdir(data_path) else []
+    gnd_files = sorted(glob.glob(os.path.join(glob.escape(data_path), "gnd_r*.pkl")))
     if not gnd_files:
         raise data_lib.DataError(f"{data_path} holds no gnd_roxford5k.pkl / gnd_rparis6k.pkl (revisited Oxford / Paris)")
     try:
-        with open(os.path.join(data_path, gnd_files[0]), "rb") as f:
+        with open(gnd_files[0], "rb") as f:
             cfg = _NumpyUnpickler(f).load()
     except (pickle.UnpicklingError, EOFError, AttributeError) as e:
-        raise data_lib.DataError(f"cannot read {gnd_files[0]}: {e}") from None
+        raise data_lib.DataError(f"cannot read {os.path.basename(gnd_files[0])}: {e}") from None
     jpg = lambda name: os.path.join(data_path, "jpg", name + ".jpg")
     database = torch.stack([_read(jpg(n), size) for n in cfg["imlist"]])
     queries = []
@@ -488,10 +489,9 @@ def discovery_data(data_path, size, max_images=0):
     images, gts = [], []
     for im in coco["images"][:max_images or None]:
         x = _read(os.path.join(data_path, "val2017", im["file_name"]))
-        sx, sy = size / x.shape[-1], size / x.shape[-2]
         images.append(_resize(x, (size, size)))
-        gt = torch.tensor(boxes.get(im["id"], []), dtype=torch.float32).view(-1, 4)
-        gts.append(gt * torch.tensor([sx, sy] * 2))
+        gt = torch.tensor(boxes.get(im["id"], []), dtype=torch.float32).view(-1, 4)   # in pixels of x
+        gts.append(gt * torch.tensor([size / x.shape[-1], size / x.shape[-2]] * 2))     # in pixels of S
     return torch.stack(images), gts
 
 
@@ -513,21 +513,19 @@ def run(task, backbone, device, data_path="", global_size=32, dense_size=64, pic
         _label_grid([xte[:6], yte[:6], pred[:6]], ["image", "truth", "linear head"], picture)
         return {"mIoU": 100 * miou, "mAcc": 100 * macc, "images": len(xte)}
     if task == "video":
-        js, fs = [], []
-        for k, (name, frames, labels, original) in enumerate(video_data(data_path, dense_size, p)):
-            objects = [o for o in labels[0].unique().tolist() if o > 0]
+        scores = []                                                             # (J, F) per clip
+        for k, (_, frames, labels, original) in enumerate(video_data(data_path, dense_size, p)):
             first = _resize_labels(labels[0], (frames.shape[-2] // p, frames.shape[-1] // p))
             first = F.one_hot(first.clamp(min=0), int(labels[0].max()) + 1).permute(2, 0, 1)
             pred = labels_to_pixels(propagate_labels(patch_features(backbone, frames, device), first), p, original)
-            j, f = j_and_f(pred, labels, objects)
-            js.append(j), fs.append(f)
+            scores.append(j_and_f(pred, labels, [o for o in labels[0].unique().tolist() if o > 0]))
             if k == 0:
                 t = torch.linspace(0, len(frames) - 1, 5).round().long()
                 shown = frames[t] if original is None else torch.stack([_resize(x, original) for x in frames[t]])
                 _label_grid([shown, labels[t], pred[t]], ["frame", "truth", "propagated"], picture,
                             transpose=True)
-        j, f = torch.cat(js).mean().item(), torch.cat(fs).mean().item()
-        return {"J&F": 100 * (j + f) / 2, "J": 100 * j, "F": 100 * f, "clips": len(js)}
+        j, f = (torch.cat(per_object).mean().item() for per_object in zip(*scores))
+        return {"J&F": 100 * (j + f) / 2, "J": 100 * j, "F": 100 * f, "clips": len(scores)}
     if task == "retrieval":
         database, queries, positives, junk, gnd = retrieval_data(data_path, global_size, g)
         fd, fq = (F.normalize(global_features(backbone, x, device, global_size), dim=-1) for x in (database, queries))
