@@ -102,7 +102,7 @@ def two_ranks(tmp_path_factory):
     p.wait(timeout=60)
     p.stdout.close()
     second = subprocess.run(torchrun(2, script, str(base), "resume"), cwd=ROOT, capture_output=True, text=True,
-                            timeout=300, env=ENV)
+                            timeout=600, env=ENV)
     return "".join(first), second.stdout + second.stderr, base, kill
 
 
@@ -186,8 +186,14 @@ def shard_results(folder):
         bank = eval_lib.extract_features(Pixels(), knn_data(n, n), 4, "cpu", batch_size=batch, gather=False)
         out[f"bank sizes {n}"] = dist.all_gather_object(len(bank[0]))
         for k in (1, 7, 20):
-            out[f"knn {n} k={k}"] = eval_lib.knn_classify(*bank, *queries, 10, k, T=0.07, chunk=16)
-    out["knn_eval"] = eval_lib.knn_eval(Pixels(), knn_data(300, 300), knn_data(120, 1000), 4, "cpu", batch_size=32)
+            out[f"knn {n} k={k}"] = eval_lib.knn_classify(*bank, *queries, 10, k, T=0.07, chunk=50)
+    knn_classify, banks = eval_lib.knn_classify, []   # the bank knn_eval hands to knn_classify
+    eval_lib.knn_classify = lambda bank, *rest: banks.append(len(bank)) or knn_classify(bank, *rest)
+    try:
+        out["knn_eval"] = eval_lib.knn_eval(Pixels(), knn_data(300, 300), knn_data(120, 1000), 4, "cpu", batch_size=32)
+    finally:
+        eval_lib.knn_classify = knn_classify
+    out["bank sizes knn_eval"] = dist.all_gather_object(banks[0])
     return out
 
 
@@ -201,7 +207,7 @@ def three_ranks(tmp_path_factory):
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:02d}.png")
     (base / "knn.py").write_text(KNN_SCRIPT.format(root=ROOT, tests=os.path.dirname(os.path.abspath(__file__))))
     r = subprocess.run(torchrun(3, base / "knn.py", str(folder), str(base / "out.pth")), cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env=ENV)
+                       capture_output=True, text=True, timeout=600, env=ENV)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     return torch.load(base / "out.pth", weights_only=True), shard_results(str(folder))
 
@@ -224,10 +230,33 @@ def test_sharded_knn_equals_one_process(three_ranks):
     each rank's k nearest merged: the top-1 and top-5 of one process holding the whole bank."""
     ranks, one = three_ranks
     for n in (5, 10, 300):
-        assert one[f"bank sizes {n}"] == [n] and sum(ranks[f"bank sizes {n}"]) == n
-        assert max(ranks[f"bank sizes {n}"]) < n and (n != 5 or 0 in ranks[f"bank sizes {n}"])
+        sizes = ranks[f"bank sizes {n}"]
+        assert one[f"bank sizes {n}"] == [n] and sum(sizes) == n and max(sizes) < n and (n != 5 or 0 in sizes)
         for k in (1, 7, 20):
             assert ranks[f"knn {n} k={k}"] == one[f"knn {n} k={k}"], (n, k)
+    sizes = ranks["bank sizes knn_eval"]   # knn_eval hands knn_classify this rank's shard only
+    assert one["bank sizes knn_eval"] == [300] and sum(sizes) == 300 and max(sizes) < 300
     assert ranks["knn_eval"] == one["knn_eval"] == one["knn 300 k=20"]
     assert 50 < one["knn 300 k=20"][0] < one["knn 300 k=20"][1] < 100   # neither chance nor perfect
     assert len({one[f"knn {n} k={k}"] for n in (5, 10, 300) for k in (1, 7, 20)}) > 5
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading checkpoints: memory-mapped, so that the ranks of a node share one copy in the page cache.
+
+def test_checkpoints_are_memory_mapped_not_copied_into_each_rank(tmp_path):
+    """A checkpoint in torch.save's zip format is read as a private map of the file (was: each rank
+    read the whole file, optimizer included, into its own memory): its tensors lie in the file's
+    mapping, and writing them (AdamW updates its moments in place) leaves the file as it was. A file
+    of the format before PyTorch 1.6 is still read, whole."""
+    state = {"optimizer": {"state": {0: {"exp_avg": torch.arange(4096.0)}}}, "step": 3}
+    zipped, legacy = tmp_path / "zip.pth", tmp_path / "legacy.pth"
+    torch.save(state, zipped)
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    for path, mapped in ((zipped, True), (legacy, False)):
+        t = eval_lib.read_checkpoint(str(path))["optimizer"]["state"][0]["exp_avg"]
+        ranges = [l.split()[0].split("-") for l in open("/proc/self/maps") if l.rstrip().endswith(str(path))]
+        assert any(int(lo, 16) <= t.data_ptr() < int(hi, 16) for lo, hi in ranges) == mapped, path
+        assert torch.equal(t, torch.arange(4096.0))
+        t.mul_(2)
+        assert torch.equal(torch.load(path, weights_only=True)["optimizer"]["state"][0]["exp_avg"], torch.arange(4096.0))
