@@ -52,9 +52,8 @@ def extract_features(fn, dataset, size, device, batch_size=256, num_workers=0, g
 @torch.no_grad()
 def knn_classify(train_features, train_labels, test_features, test_labels, num_classes, k=20, T=0.07,
                  chunk=1024):
-    """Weighted k-NN of the official eval_knn.py on a bank sharded over ranks (train_*: this rank's
-    shard; test_*: every query): each rank's k nearest, gathered and merged (equal similarities:
-    the lower rank first). Features L2-normalised here; returns (top-1, top-5) in %."""
+    """Weighted k-NN of the official eval_knn.py, the bank sharded over ranks (train_*: this rank's shard, test_*:
+    every query): each rank's k nearest, gathered and merged (ties: lower rank first); L2-normalised; (top-1, top-5) %."""
     train_features = F.normalize(train_features, dim=1)
     test_features = F.normalize(test_features, dim=1)
     top1 = top5 = 0
