@@ -73,15 +73,13 @@ def nearest(queries, keys, k, skip_self=False, chunk=1024):
     """The k largest cosine similarities of each query among the keys and their indices, (n, k)
     each, chunk queries at a time; skip_self: queries and keys are one set, none its own neighbour."""
     k = min(k, len(keys) - int(skip_self))
-    sims, index = [], []
+    top = []
     for start in range(0, len(queries), chunk):
-        s = queries[start:start + chunk] @ keys.T
+        s = queries[start:start + chunk] @ keys.T                  # (chunk, len(keys))
         if skip_self:
-            rows = torch.arange(len(s), device=s.device)
-            s[rows, rows + start] = -float("inf")
-        v, i = s.topk(k, dim=1)
-        sims.append(v)
-        index.append(i)
+            s.diagonal(start).fill_(-float("inf"))                 # s[i, start + i]: query i's own key
+        top.append(s.topk(k, dim=1))
+    sims, index = zip(*top)
     return torch.cat(sims), torch.cat(index)
 
 
@@ -133,12 +131,11 @@ def curate(curated_files, curated_labels, pool_files, backbone, size, device, ar
         exclude = copy_descriptors(embed(backbone, list(exclude_files), size, device)[1], mean)
     keep = deduplicate(copies, args.dedup_threshold, args.dedup_k, exclude, args.exclude_threshold)
     retrieved = retrieve(curated, pool, keep, args.neighbours)
-    entries, taken = list(zip(curated_files, curated_labels)), set()
+    taken = {}                          # pool index -> the class of the first curated image that retrieved it
     for q, row in enumerate(retrieved.tolist()):
         for i in row:
-            if i not in taken:
-                taken.add(i)
-                entries.append((pool_files[i], curated_labels[q]))
+            taken.setdefault(i, curated_labels[q])
+    entries = list(zip(curated_files, curated_labels)) + [(pool_files[i], label) for i, label in taken.items()]
     report = {"curated": len(curated_files), "pool": len(pool_files), "kept_after_dedup": len(keep),
               "retrieved": len(taken), "written": len(entries)}
     print(f"pool: {len(pool_files)} images, {len(keep)} kept after deduplication; {len(taken)} retrieved "
