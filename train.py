@@ -108,7 +108,7 @@ class TrainConfig:
     saveckp_freq: int = flag(20, "keep a numbered checkpoint every N epochs (0: never)")
     seed: int = flag(0, "random seed")
     num_workers: int = flag(10, "data loading workers per process (image folders)")
-    device: str = flag("auto", "auto | cpu | cuda | mps")
+    device: str = flag("auto", "auto | cpu | cuda | mps", ("auto", "cpu", "cuda", "mps"))
     max_steps: int = flag(0, "stop after this many steps in total (0: run all epochs)")
     eval_every: int = flag(1, "epochs between k-NN evaluations (0: never)")
     checkpoint_minutes: float = flag(15.0, "also write checkpoint.pth within an epoch when this many minutes "
@@ -126,6 +126,8 @@ class TrainConfig:
             v = getattr(self, f.name)
             for x in (v if isinstance(v, tuple) else (v,)):
                 need(not isinstance(x, float) or math.isfinite(x), f"--{f.name} must be a finite number, got {v}")
+            choices = f.metadata.get("choices") or (v,)
+            need(v in choices, f"--{f.name} must be one of {', '.join(map(str, choices))}, got {v!r}")
         need(self.arch in ARCHS, f"unknown --arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
         need(self.data in data_lib.DATASETS,
              f"unknown --data {self.data!r}; choose one of {', '.join(data_lib.DATASETS)}")
@@ -148,10 +150,6 @@ class TrainConfig:
                                "checkpoint_minutes")
         need(0 <= self.momentum_teacher <= 1, f"--momentum_teacher must be in [0, 1], got {self.momentum_teacher}")
         need(0 <= self.drop_path_rate < 1, f"--drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
-        need(self.precision in ("fp32", "bf16", "fp16"),
-             f"--precision must be fp32, bf16 or fp16, got {self.precision!r}")
-        need(self.device in ("auto", "cpu", "cuda", "mps"),
-             f"--device must be auto, cpu, cuda or mps, got {self.device!r}")
         need(self.output_dir != "", "--output_dir must not be empty")
         if self.data == "imagefolder":
             need(self.data_path != "", "--data imagefolder needs --data_path ROOT")
