@@ -113,12 +113,12 @@ MUTATIONS = [
     ("last-layer-only-weight-v", "dino.py", [('last = "last_layer" in name', 'last = name.endswith("last_layer.weight_v")'),
                                              ('"last_layer" in name, lr_mult(name)', 'name.endswith("last_layer.weight_v"), lr_mult(name)')], FREEZE),
     # -- k-NN (eval.py) ---------------------------------------------------------------------------
-    ("knn-majority-vote", "eval.py", [("train_labels[idx], (sim / T).exp())", "train_labels[idx], torch.ones_like(sim))")], KNN),
-    ("knn-linear-weights", "eval.py", [("train_labels[idx], (sim / T).exp())", "train_labels[idx], sim / T)")], KNN),
-    ("knn-no-temperature", "eval.py", [("train_labels[idx], (sim / T).exp())", "train_labels[idx], sim.exp())")], KNN),
+    ("knn-majority-vote", "eval.py", [("labels[:, :k], (sim[:, :k] / T).exp())", "labels[:, :k], torch.ones_like(sim[:, :k]))")], KNN),
+    ("knn-linear-weights", "eval.py", [("labels[:, :k], (sim[:, :k] / T).exp())", "labels[:, :k], sim[:, :k] / T)")], KNN),
+    ("knn-no-temperature", "eval.py", [("labels[:, :k], (sim[:, :k] / T).exp())", "labels[:, :k], sim[:, :k].exp())")], KNN),
     ("knn-train-not-normalised", "eval.py", [("train_features = F.normalize(train_features, dim=1)", "train_features = train_features.float()")], KNN),
     ("knn-test-not-normalised", "eval.py", [("test_features = F.normalize(test_features, dim=1)", "test_features = test_features.float()")], KNN),
-    ("knn-farthest-neighbours", "eval.py", [("(q @ train_features.T).topk(k, dim=1)", "(q @ train_features.T).topk(k, dim=1, largest=False)")], KNN),
+    ("knn-farthest-neighbours", "eval.py", [("(q @ train_features.T).topk(min(k, len(train_features)), dim=1)", "(q @ train_features.T).topk(min(k, len(train_features)), dim=1, largest=False)")], KNN),
     ("knn-top5-is-top3", "eval.py", [("votes.topk(min(5, num_classes), dim=1)", "votes.topk(min(3, num_classes), dim=1)")], KNN),
     # -- DINOv2's losses (dinov2.py) --------------------------------------------------------------
     ("sinkhorn-5-iterations", "dinov2.py", [("def sinkhorn_knopp(logits, teacher_temp, n_iterations=3):", "def sinkhorn_knopp(logits, teacher_temp, n_iterations=5):")], V2LOSS),
