@@ -16,6 +16,7 @@ pictures. seg ... discover: the papers' other evaluations (tools/tasks.py, below
 runs each on a random ViT too).
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -106,11 +107,18 @@ def split_features(fn, train_set, eval_set, size, device, batch_size=256, num_wo
             *extract_features(fn, _labelled(eval_set), size, device, batch_size, num_workers))
 
 
-def knn_eval(backbone, train_set, eval_set, size, device, k=20, T=0.07, batch_size=256, num_workers=0):
-    """k-NN top-1 / top-5 of a backbone's CLS features (train split as memory bank, kept sharded)."""
+def knn_eval(backbone, train_set, eval_set, size, device, k=20, T=0.07, batch_size=256, num_workers=0,
+             precision=contextlib.nullcontext):
+    """k-NN top-1 / top-5 of a backbone's CLS features (train split as memory bank, kept sharded).
+    `precision()`: the context of the backbone's forward (a run's autocast); features and similarities fp32."""
     was_training = backbone.training
-    bank = extract_features(backbone.eval(), _labelled(train_set), size, device, batch_size, num_workers, False)
-    queries = extract_features(backbone, _labelled(eval_set), size, device, batch_size, num_workers)
+    backbone.eval()
+
+    def fn(x):
+        with precision():
+            return backbone(x)
+    bank = extract_features(fn, _labelled(train_set), size, device, batch_size, num_workers, False)
+    queries = extract_features(fn, _labelled(eval_set), size, device, batch_size, num_workers)
     backbone.train(was_training)
     return knn_classify(*bank, *queries, train_set.classes, k, T)
 

@@ -566,8 +566,9 @@ def to_device(images, device):
 def end_of_epoch(cfg, method, train_set, eval_set, device, record, evaluate):
     """k-NN of the teacher's backbone (when due), the collapse alarm; returns the log record."""
     if evaluate:
-        top1, top5 = eval_lib.knn_eval(method.teacher.backbone, train_set, eval_set, cfg.global_crops_size,
-                                       device, batch_size=256, num_workers=cfg.num_workers)
+        top1, top5 = eval_lib.knn_eval(method.teacher.backbone, train_set, eval_set, cfg.global_crops_size, device,
+                                       batch_size=256, num_workers=cfg.num_workers,
+                                       precision=lambda: autocast(device, cfg.precision))  # as the step
         record.update(knn_top1=top1, knn_top5=top5)
         dist.print0(f"epoch {record['epoch']}: k-NN top-1 {top1:.2f} top-5 {top5:.2f}")
     stats = eval_lib.collapse_check(method.teacher.backbone, eval_set, cfg.global_crops_size, device)

@@ -63,3 +63,29 @@ def test_dinov2_blur_is_torchvisions_nine_tap_kernel():
     ref = torch.stack([TF.gaussian_blur(x[i], kernel_size=9, sigma=float(sigma[i])) for i in range(2)])
     assert torch.allclose(ours[0], ref[0], atol=1e-5)                # σ 2: 9 taps, where 3σ would give 13
     assert data.MultiCrop(224, 96).blur_radius is None and data.MultiCrop(32, 16, blur_kernel_size=9).blur_radius == 1
+
+
+
+def test_knn_of_a_bf16_run_runs_the_backbone_in_bf16_and_votes_in_fp32(monkeypatch):
+    """The epoch's k-NN of a bf16 run extracts its features under the run's autocast, as its step runs
+    (not in fp32, which costs a large ViT twice the time and activation memory); the features that
+    the vote compares stay fp32."""
+    import types
+    import data
+    import eval as eval_lib
+    import train
+    import vit
+    torch.manual_seed(0)
+    backbone = vit.build_vit("vit_pico", 8, img_size=32)
+    seen, compared = [], []
+    backbone.blocks[0].attn.qkv.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    knn_classify = eval_lib.knn_classify
+    monkeypatch.setattr(eval_lib, "knn_classify", lambda *a, **kw: compared.extend(
+        x.dtype for x in a[:4:2]) or knn_classify(*a, **kw))
+    images, labels = data.make_synthetic(60, seed=3)
+    ds = data.TensorImages(images, labels, 10)
+    cfg = train.config_cli(dino.DINOConfig, dino.PRESETS, ["--precision", "bf16"])
+    method = types.SimpleNamespace(teacher=types.SimpleNamespace(backbone=backbone))
+    record = train.end_of_epoch(cfg, method, ds, ds, torch.device("cpu"), {"epoch": 0}, evaluate=True)
+    assert torch.bfloat16 in seen and compared == [torch.float32, torch.float32], (seen, compared)
+    assert 0 <= record["knn_top1"] <= 100
