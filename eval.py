@@ -6,13 +6,13 @@
     python eval.py attention --checkpoint runs/dino/checkpoint.pth   # also: pca
     python eval.py curves --logs runs/dino runs/simdino
     python eval.py knn --checkpoint dinov2_vits14_reg4_pretrain.pth --data imagefolder --data_path DIR
-    python eval.py seg|video|retrieval|copydetection|discover --checkpoint runs/dino/checkpoint.pth [--data_path DIR]
+    python eval.py seg|video|retrieval|copydetection|discover|depth|action --checkpoint runs/dino/checkpoint.pth [--data_path DIR]
 
 knn: DINO's weighted k-NN (§4.1, the official eval_knn.py) on the teacher's CLS features, sharded
 under torchrun; `--baselines` also on raw pixels and on a randomly initialised ViT of the same
 architecture, what self-supervised learning has to beat. linear: DINO's linear probe
 (eval_linear.py); `--fast` a logistic regression on precomputed features. attention, pca, curves:
-pictures. seg ... discover: the papers' other evaluations (tools/tasks.py, below; `--baselines`
+pictures. seg ... action: the papers' other evaluations (tools/tasks.py, below; `--baselines`
 runs each on a random ViT too).
 """
 import argparse
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import data as data_lib
 from tools import tasks
+from tools.tasks import accuracy as _accuracy, logistic_regression
 from kernels import distributed as dist
 from vit import ARCHS, build_vit
 
@@ -198,51 +199,17 @@ def linear_probe(backbone, train_set, eval_set, size, device, n_last_blocks, avg
     return _accuracy(clf(fte), yte)
 
 
-def _accuracy(logits, labels):
-    """(top-1, top-5) in % of logits (N, C) against labels (N,)."""
-    pred = logits.topk(min(5, logits.shape[1]), dim=1).indices
-    top1 = (pred[:, 0] == labels).float().mean().item()
-    top5 = (pred == labels[:, None]).any(1).float().mean().item()
-    return 100.0 * top1, 100.0 * top5
-
-
-def logistic_regression(ftr, ytr, fte, yte, num_classes, weight_decays=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2), iters=200):
-    """The fast mode: logistic regression on standardised features by full-batch L-BFGS, its L2
-    weight picked on 10 % of the train split and refitted on all of it (as DINOv2's
-    log_regression.py sweeps its C) -> ((top-1, top-5) on the held-out split, the weight decay)."""
-    mean, std = ftr.mean(0), ftr.std(0).clamp_min(1e-6)
-    ftr, fte = (ftr - mean) / std, (fte - mean) / std
-
-    def fit(x, y, wd):
-        W = torch.zeros(x.shape[1], num_classes, device=x.device, requires_grad=True)
-        b = torch.zeros(num_classes, device=x.device, requires_grad=True)
-        opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, max_eval=iters, history_size=20,
-                                line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(x @ W + b, y) + 0.5 * wd * W.square().sum()
-            loss.backward()
-            return loss
-        opt.step(closure)
-        return lambda z: (z @ W + b).detach()
-
-    order = torch.randperm(len(ftr), generator=torch.Generator().manual_seed(0)).to(ftr.device)
-    val, fit_idx = order[:len(ftr) // 10], order[len(ftr) // 10:]
-    scores = {wd: _accuracy(fit(ftr[fit_idx], ytr[fit_idx], wd)(ftr[val]), ytr[val])[0] for wd in weight_decays}
-    best = max(weight_decays, key=lambda wd: (scores[wd], wd))  # ties: the stronger regulariser
-    return _accuracy(fit(ftr, ytr, best)(fte), yte), best
-
-
 # Each task's default resolution, (real data, synthetic data); --image_size overrides. Real: the
-# official one. Synthetic: 64 px for dense tasks (video 128: at 64 px the shapes are 2 x 2 patches
-# of 8), whole-image features (None) at the training resolution.
+# official one, but depth's short side 224 (the official runs NYU and KITTI at full resolution, 480 and
+# 352: here every image's tokens are held in memory). Synthetic: 64 px for dense tasks and action (its
+# clips need room to move; video 128: at 64 px the shapes are 2 x 2 patches of 8), whole-image
+# features (None) at the training resolution.
 TASK_SIZES = {"seg": (512, 64), "video": (480, 128), "discover": (480, 64), "retrieval": (224, None),
-              "copydetection": (320, None)}
+              "copydetection": (320, None), "depth": (224, 64), "action": (224, 64)}
 
 
 def run_task(args, backbone, arch, trained, size, device):
-    """seg / video / retrieval / copydetection / discover (tasks.py) on the backbone and, with
+    """seg / video / retrieval / copydetection / discover / depth / action (tasks.py) on the backbone and, with
     --baselines, on a randomly initialised ViT of its architecture (seed 0)."""
     path = args.data_path or ""
     if path and not os.path.isdir(path):
@@ -474,8 +441,8 @@ def main(argv=None):
                    help="evaluation resolution (default: ours the global crop size, official the training one)")
     p.add_argument("--device", default="auto")
     p.add_argument("--output_dir", default=".", help="where the pictures go (attention.png, seg.png, ...)")
-    p.add_argument("--max_images", type=int, default=0, help="seg / discover on real data: at most this many "
-                                                             "images per split (0: all)")
+    p.add_argument("--max_images", type=int, default=0, help="seg / discover / depth / action on real data: at "
+                                                             "most this many images (clips) per split (0: all)")
     p.add_argument("--nb_knn", type=int, default=20, help="k (official default 20)")
     p.add_argument("--temperature", type=float, default=0.07, help="T of exp(s/T) (official 0.07)")
     p.add_argument("--batch_size", type=int, default=256, help="feature extraction batch")

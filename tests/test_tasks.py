@@ -1,6 +1,7 @@
 """The other evaluations (tasks.py): each metric on hand-made cases, the propagation and the
 normalized cut on hand-made features, the synthetic scenes, and every subcommand end to end on a
 tiny copy of the real dataset's folder layout."""
+import functools
 import json
 import os
 import pickle
@@ -237,7 +238,9 @@ def test_task_errors_are_one_line(tmp_path, random_checkpoint):
     for argv in (["video", "--data_path", str(tmp_path)],                       # no DAVIS listing
                  ["discover", "--data_path", str(tmp_path / "missing")],        # not a directory
                  ["seg", "--image_size", "60"],                                 # not a multiple of 8
-                 ["copydetection", "--data_path", str(tmp_path)]):              # no original/
+                 ["copydetection", "--data_path", str(tmp_path)],               # no original/
+                 ["depth", "--data_path", str(tmp_path)],                       # no split file
+                 ["action", "--data_path", str(tmp_path)]):                     # no UCF101 lists, no train/
         with pytest.raises(SystemExit) as e:
             eval_lib.main(argv + ["--checkpoint", random_checkpoint, "--device", "cpu"])
         assert str(e.value).startswith("error: ") and "\n" not in str(e.value), (argv, e.value)
@@ -253,3 +256,148 @@ def test_linear_segmentation_learns_a_separable_problem():
     pred = tasks.linear_segmentation(feats[:48], labels[:48], feats[48:], 3, steps=300, lr=1e-2)
     miou, macc = tasks.segmentation_metrics(pred, labels[48:], 3)
     assert miou > 0.8 and macc > 0.85, (miou, macc)
+
+
+# ----------------------------------------------------------------------------------------------
+# Monocular depth and action recognition.
+
+def test_depth_metrics_by_hand():
+    gt = torch.tensor([[[1.0, 2.0], [4.0, 0.0]]])                      # one image; 0: no depth there
+    assert tasks.depth_metrics(gt.clone(), gt, 10.0) == {"RMSE": 0.0, "AbsRel": 0.0, "delta1": 1.0}
+    pred = torch.tensor([[[1.0, 3.0], [4.0, 7.0]]])                    # 2 m read as 3 (ratio 1.5); the 0 ignored
+    m = tasks.depth_metrics(pred, gt, 10.0)
+    assert m["RMSE"] == pytest.approx((1 / 3) ** 0.5) and m["AbsRel"] == pytest.approx(0.5 / 3)
+    assert m["delta1"] == pytest.approx(2 / 3)
+    # depths at or beyond the cap, and pixels outside the crop (top, bottom, left, right), do not count
+    capped = tasks.depth_metrics(pred, torch.tensor([[[1.0, 2.0], [10.0, 0.0]]]), 10.0)
+    cropped = tasks.depth_metrics(pred, gt, 10.0, crop=(0.0, 0.5, 0.0, 1.0))
+    for m in (capped, cropped):
+        assert (m["RMSE"], m["AbsRel"], m["delta1"]) == pytest.approx((0.5 ** 0.5, 0.25, 0.5))
+    # per image, then averaged over images: a perfect image and one 2 m off on its single pixel -> RMSE 1
+    two = tasks.depth_metrics(torch.tensor([[[1.0, 1.0]], [[3.0, 0.0]]]), torch.tensor([[[1.0, 1.0]], [[1.0, 0.0]]]), 10)
+    assert two["RMSE"] == pytest.approx(1.0) and two["AbsRel"] == pytest.approx(1.0) and two["delta1"] == 0.5
+
+
+def test_depth_from_bins_is_the_normalised_expectation():
+    logits = torch.zeros(1, 5, 1, 3)                                   # bins 0, 1, 2, 3, 4 m
+    logits[0, 0, 0, 1] = 10.0                                          # weights 10.1, 0.1, 0.1, 0.1, 0.1
+    logits[0, 0, 0, 2], logits[0, 4, 0, 2] = 1.0, -5.0                 # a negative logit weighs as 0 (ReLU)
+    d = tasks.depth_from_bins(logits, 0.0, 4.0)
+    assert d.shape == (1, 1, 3)
+    assert d[0, 0].tolist() == pytest.approx([2.0, 1.0 / 10.5, 1.0 / 1.5])   # Σ 0.1·(1 + 2 + 3 + 4) / Σ weights
+
+
+def test_depth_scenes_nearer_shapes_cover_farther_ones():
+    images, depth, ids, zs = tasks.depth_scenes(30, size=64, seed=0)
+    assert images.shape == (30, 3, 64, 64) and depth.shape == ids.shape == (30, 64, 64)
+    assert (zs[:, :-1] >= zs[:, 1:]).all()                             # drawn far to near: later ids nearer
+    assert (depth[ids == 0] == 0).all() and (depth[ids == 1] > 0).all()  # sky without depth, ground with
+    overlaps, errors = 0, []
+    for i in range(30):
+        ground = depth[i][ids[i] == 1]
+        assert ground.max() <= 10.0
+        for k in range(3):
+            mask = ids[i] == k + 2
+            if mask.any():
+                assert torch.allclose(depth[i][mask], zs[i, k].float())
+                # its base stands on the ground row whose depth is its own
+                base = torch.nonzero(mask)[:, 0].max().item()
+                row = depth[i, base + 1][ids[i, base + 1] == 1] if base + 1 < 64 else torch.tensor([])
+                if len(row):
+                    errors.append(abs(row.mean().item() - zs[i, k].item()) / zs[i, k].item())
+                # a farther object touching this one never shows over it
+                nearer_neighbour = F.max_pool2d((ids[i] > k + 2).float()[None, None], 3, 1, 1)[0, 0] > 0
+                overlaps += (mask & nearer_neighbour).sum().item() > 0
+    assert overlaps >= 3 and sorted(errors)[len(errors) // 2] < 0.1, (overlaps, errors)
+    # apparent size falls with depth: the nearest of each scene covers more pixels than the farthest
+    sizes = torch.stack([(ids == k + 2).sum((1, 2)) for k in range(3)], 1)
+    assert (sizes[:, 2] > sizes[:, 0]).float().mean() > 0.8
+
+
+def test_action_clips_motion_decides_the_class():
+    """Motion energy (frame differences against the spatial gradients: translation, rotation about and
+    scaling from the centroid) classifies the clips; a single middle frame (grey-level histogram,
+    row and column profiles) stays near chance."""
+    clips, labels = tasks.action_clips(240, size=32, seed=0)
+    x = clips[:, :, 0].float() / 255                                   # (n, T, S, S)
+    dI, m = x[:, 1:] - x[:, :-1], (x[:, 1:] + x[:, :-1]) / 2
+    gy, gx = torch.gradient(m, dim=(2, 3))
+    w = (m - m.amin((2, 3), keepdim=True)).clamp(min=0)
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    X = xs - ((w * xs).sum((2, 3)) / w.sum((2, 3)))[..., None, None]
+    Y = ys - ((w * ys).sum((2, 3)) / w.sum((2, 3)))[..., None, None]
+    # brightness constancy dI = −a·v·∇I: per mode, the least-squares amount a of x, y, turn and zoom
+    modes = (gx, gy, X * gy - Y * gx, X * gx + Y * gy)
+    motion = torch.stack([(dI * v).sum((1, 2, 3)) / (v * v).sum((1, 2, 3)) for v in modes], 1)
+    for k, (axis, sign) in enumerate(zip([0, 0, 1, 1, 2, 2, 3, 3], [1, -1, 1, -1, -1, 1, -1, 1])):
+        assert sign * motion[labels == k, axis].mean() > 0, tasks.MOTIONS[k]   # each class moves as named
+    (top1, _), _ = tasks.logistic_regression(motion[:160], labels[:160], motion[160:], labels[160:], 8)
+    assert top1 > 80, top1
+    mid = x[:, 4]
+    single = torch.cat([torch.stack([torch.histc(f, 16, 0, 1) for f in mid]), mid.mean(1), mid.mean(2)], 1)
+    (top1, _), _ = tasks.logistic_regression(single[:160], labels[:160], single[160:], labels[160:], 8)
+    assert top1 < 100 / 8 + 10, top1
+
+
+def _frames(folder, clip):
+    for t, frame in enumerate(clip):
+        _save(frame.permute(1, 2, 0).numpy(), os.path.join(folder, f"frame_{t:04d}.jpg"))
+
+
+def test_depth_on_nyu_and_kitti_layouts(tmp_path, random_checkpoint, capsys, monkeypatch):
+    images, depth, _, _ = tasks.depth_scenes(6, size=48, seed=0)
+    nyu, kitti = tmp_path / "nyu", tmp_path / "kitti"
+    lines, klines = [], []
+    for i in range(6):
+        _save(images[i].permute(1, 2, 0).numpy(), str(nyu / f"room_{i // 3}/rgb_{i:05d}.jpg"))
+        _save((depth[i].numpy() * 1000).astype(np.uint16), str(nyu / f"room_{i // 3}/sync_depth_{i:05d}.png"))
+        lines.append(f"/room_{i // 3}/rgb_{i:05d}.jpg /room_{i // 3}/sync_depth_{i:05d}.png 518.8579")
+        big = F.pad(images[i], (0, 1222 - 48, 356 - 48, 0))            # 356 x 1222: the KB crop keeps 352 x 1216
+        _save(big.permute(1, 2, 0).numpy(), str(kitti / f"input/2011_09_26/drive/image_02/data/{i:010d}.png"))
+        _save((F.pad(depth[i], (0, 1222 - 48, 356 - 48, 0)).numpy() * 256).astype(np.uint16),
+              str(kitti / f"gt_depth/drive/proj_depth/groundtruth/image_02/{i:010d}.png"))
+        klines.append(f"2011_09_26/drive/image_02/data/{i:010d}.png drive/proj_depth/groundtruth/image_02/{i:010d}.png 721.5")
+    (nyu / "nyu_train.txt").write_text("\n".join(lines[:4]) + "\n")
+    (nyu / "nyu_test.txt").write_text("\n".join(lines[4:]) + "\n")
+    (kitti / "kitti_eigen_train.txt").write_text("\n".join(klines[:4]) + "\n")
+    (kitti / "kitti_eigen_test.txt").write_text("\n".join(klines[4:] + [klines[0].split()[0] + " None 721.5"]) + "\n")
+    xtr, ytr, xte, yte, cap, crop = tasks.depth_data(str(nyu), 32, 8)
+    assert xtr.shape == (4, 3, 32, 32) and ytr.shape == (4, 32, 32) and cap == 10.0 and crop[0] == 45 / 480
+    assert torch.allclose(yte, depth[4:], atol=1e-3)                   # millimetres -> metres, full resolution
+    xtr, ytr, xte, yte, cap, crop = tasks.depth_data(str(kitti), 32, 8)
+    assert xte.shape == (2, 3, 32, 104) and yte.shape == (2, 352, 1216) and cap == 80.0   # "None" skipped
+    assert torch.allclose(yte[:, -48:, :45], depth[4:, :, 3:], atol=1 / 256)     # the bottom-centre crop
+    monkeypatch.setattr(tasks, "linear_depth", functools.partial(tasks.linear_depth, steps=20))  # the wiring, fast
+    for root in (nyu, kitti):
+        out = _run(capsys, "depth", "--checkpoint", random_checkpoint, "--data_path", str(root),
+                   "--image_size", "16", "--output_dir", str(tmp_path / "out"))
+        assert out["images"] == 2 and out["lin1_RMSE"] > 0 and 0 <= out["lin4_delta1"] <= 1
+        assert os.path.isfile(out["picture"])
+
+
+def test_action_on_ucf101_and_kinetics_layouts(tmp_path, random_checkpoint, capsys):
+    clips, _ = tasks.action_clips(8, frames=10, size=32, seed=0)
+    ucf, kinetics = tmp_path / "ucf", tmp_path / "kinetics"
+    os.makedirs(ucf / "ucfTrainTestlist")
+    (ucf / "ucfTrainTestlist/classInd.txt").write_text("1 Jump\n2 Run\n")
+    train, test = [], []
+    for i, clip in enumerate(clips):
+        name, group = ("Jump", "Run")[i % 2], 1 + i // 2
+        video = f"{name}/v_{name}_g{group:02d}_c01"
+        _frames(str(ucf / "UCF-101" / video), clip)
+        (train if group <= 3 else test).append(f"{video}.avi" + (f" {1 + i % 2}" if group <= 3 else ""))
+        _frames(str(kinetics / ("train" if group <= 3 else "val") / name / f"clip{i}"), clip)
+    (ucf / "ucfTrainTestlist/trainlist01.txt").write_text("\n".join(train) + "\n")
+    (ucf / "ucfTrainTestlist/testlist01.txt").write_text("\n".join(test) + "\n")
+    tr, te, names, pool = tasks.action_data(str(ucf))
+    assert names == ("Jump", "Run") and pool == "mean" and [y for _, y in tr] == [0, 1] * 3 and len(te) == 2
+    assert [os.path.basename(f) for f in tr[0][0]] == [f"frame_{t:04d}.jpg" for t in (0, 1, 3, 4, 5, 6, 8, 9)]
+    for root in (ucf, kinetics):
+        out = _run(capsys, "action", "--checkpoint", random_checkpoint, "--data_path", str(root),
+                   "--image_size", "16", "--output_dir", str(tmp_path / "out"))
+        assert out["clips"] == 2 and out["frames"] == 8 and 0 <= out["top1"] <= 100 and os.path.isfile(out["picture"])
+    # videos not extracted into frames: one line saying so
+    os.rename(ucf / "UCF-101/Jump/v_Jump_g01_c01", ucf / "frames")
+    (ucf / "UCF-101/Jump/v_Jump_g01_c01.avi").write_bytes(b"")
+    with pytest.raises(SystemExit, match="extract its frames"):
+        _run(capsys, "action", "--checkpoint", random_checkpoint, "--data_path", str(ucf))

@@ -1,13 +1,14 @@
 """The papers' other evaluations of frozen features, run by eval.py:
 
-    python eval.py seg|video|retrieval|copydetection|discover --checkpoint runs/dino/checkpoint.pth
+    python eval.py seg|video|retrieval|copydetection|discover|depth|action --checkpoint runs/dino/checkpoint.pth
 
 Without --data_path each task draws its own offline data from data.py's shapes: 64 px scenes of
 three shapes of different classes with per-pixel masks and boxes (seg, discover), 16-frame clips of
 them moving (video), strongly augmented instance copies of the training images (retrieval, copy
-detection). With --data_path each reads the real dataset's layout (below) and reports the paper's
-metric. Features are the backbone's last layer (after its norm): patch tokens for the dense tasks,
-the CLS token (and GeM-pooled patches for copy detection) for retrieval.
+detection), shapes standing at random depths on a ground plane (depth), 8-frame clips of a shape whose
+motion is the class (action). With --data_path each reads the real dataset's layout (below) and
+reports the paper's metric. Features are the backbone's last layer (after its norm): patch tokens for
+the dense tasks, the CLS token (and GeM-pooled patches for copy detection) for retrieval.
 
 - seg (DINOv2 §7.4, "linear" setting): a linear head on the frozen patch tokens; mIoU, mAcc.
   ADE20K: ADEChallengeData2016/{images,annotations}/{training,validation}, label 0 ignored; images
@@ -21,6 +22,15 @@ the CLS token (and GeM-pooled patches for copy detection) for retrieval.
   share its first 4 characters), distractors/ optional.
 - discover (MaskCut, Wang et al. 2023, after TokenCut): normalized cuts of the last block's key
   graph; box AP50 / AP75 / AP. COCO: val2017/ and annotations/instances_val2017.json.
+- depth (DINOv2 §7.4, "lin. 1" and "lin. 4"): a linear head on the patch tokens of the last block
+  (of four blocks), the CLS token concatenated, depth as the expectation over 256 bins; RMSE, AbsRel,
+  δ1. The depth toolbox's split files: NYU-Depth v2 (nyu_train.txt, nyu_test.txt: the Eigen test
+  images; 16-bit depth PNGs in mm, capped at 10 m, Eigen crop) and KITTI (kitti_eigen_train.txt,
+  kitti_eigen_test.txt, input/ and gt_depth/; depth PNGs in 1/256 m, capped at 80 m, Garg crop).
+- action (DINOv2 §7.2): the CLS and mean patch token of 8 frames per clip, averaged (UCF101,
+  Kinetics) or concatenated (the offline clips, as DINOv2 for SSv2), a linear classifier; top-1.
+  UCF101: classInd.txt, trainlist01.txt, testlist01.txt, frames extracted per video; Kinetics-style:
+  train/<class>/<clip>/*.jpg and val/.
 """
 import glob
 import json
@@ -34,7 +44,7 @@ import torch.nn.functional as F
 
 import data as data_lib
 
-TASKS = ("seg", "video", "retrieval", "copydetection", "discover")
+TASKS = ("seg", "video", "retrieval", "copydetection", "discover", "depth", "action")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -54,14 +64,30 @@ def patch_features(backbone, images, device):
     return tokens.unflatten(1, (images.shape[-2] // backbone.patch_size, -1))
 
 
-def global_features(backbone, images, device, size, gem=False):
-    """uint8 images, resized to size x size -> CLS tokens (N, D); with gem also the patch tokens
-    GeM-pooled with p = 4 after clamping at 1e-6 (N, 2D), as the official copy detection."""
-    def cls_and_gem(x):
+def global_features(backbone, images, device, size, pool=None):
+    """uint8 images, resized to size x size -> CLS tokens (N, D); with pool "gem" also the patch tokens
+    GeM-pooled with p = 4 after clamping at 1e-6 (N, 2D), as the official copy detection; with "mean" also
+    their mean (N, 2D), as DINOv2's linear probes."""
+    def cls_and_pooled(x):
         f = backbone.forward_features(x)
-        g = f["x_norm_patchtokens"].clamp(min=1e-6).pow(4).mean(1).pow(0.25)
-        return torch.cat([f["x_norm_clstoken"], g], -1) if gem else f["x_norm_clstoken"]
-    return _per_batch(cls_and_gem, images, device, size, batch_size=256)
+        patches = f["x_norm_patchtokens"]
+        pooled = {"gem": lambda: patches.clamp(min=1e-6).pow(4).mean(1).pow(0.25), "mean": lambda: patches.mean(1)}
+        return torch.cat([f["x_norm_clstoken"], pooled[pool]()], -1) if pool else f["x_norm_clstoken"]
+    return _per_batch(cls_and_pooled, images, device, size, batch_size=256)
+
+
+def block_tokens(backbone, images, device, blocks):
+    """The tokens after the given blocks, not normalised (DINOv2's depth heads read get_intermediate_layers
+    with norm=False), blocks concatenated along channels -> (CLS (N, L·D), patches (N, h, w, L·D))."""
+    def tokens(x):
+        t, out = backbone.prepare_tokens(x), []
+        for i, blk in enumerate(backbone.blocks):
+            t = blk(t)
+            out += [t] if i in blocks else []
+        t = torch.cat(out, -1)
+        return torch.cat([t[:, :1], t[:, 1 + backbone.num_register_tokens:]], 1)   # registers left out
+    t = _per_batch(tokens, images, device)
+    return t[:, 0], t[:, 1:].unflatten(1, (images.shape[-2] // backbone.patch_size, -1))
 
 
 def last_keys(backbone, images, device):
@@ -79,6 +105,14 @@ def _resize(image, size):
     """uint8 (3, H, W) -> (3, *size), bicubic and antialiased."""
     x = F.interpolate(image[None].float(), size=size, mode="bicubic", antialias=True, align_corners=False)
     return x[0].round().clamp(0, 255).to(torch.uint8)
+
+
+def _resize_short(x, size, step):
+    """Images (..., 3, H, W) resized so that the short side is `size` and the long one is floored to a
+    multiple of `step`, as the official DAVIS read_frame."""
+    H, W = x.shape[-2:]
+    th, tw = (size, int(size * W / H) // step * step) if W > H else (int(size * H / W) // step * step, size)
+    return torch.stack([_resize(f, (th, tw)) for f in x.reshape(-1, 3, H, W)]).view(*x.shape[:-2], th, tw)
 
 
 def _resize_labels(labels, size):
@@ -119,6 +153,52 @@ def _files(folder):
 
 
 # ----------------------------------------------------------------------------------------------
+# Linear classifiers on frozen features: eval.py's fast linear probe, and action recognition.
+
+def accuracy(logits, labels):
+    """(top-1, top-5) in % of logits (N, C) against labels (N,)."""
+    pred = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    top1 = (pred[:, 0] == labels).float().mean().item()
+    top5 = (pred == labels[:, None]).any(1).float().mean().item()
+    return 100.0 * top1, 100.0 * top5
+
+
+def fit_logistic(ftr, ytr, num_classes, weight_decays=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2), iters=200):
+    """Logistic regression on standardised features by full-batch L-BFGS, its L2 weight picked on 10 %
+    of the train split and refitted on all of it (as DINOv2's log_regression.py sweeps its C)
+    -> (logits of new features, the weight decay)."""
+    mean, std = ftr.mean(0), ftr.std(0).clamp_min(1e-6)
+    ftr = (ftr - mean) / std
+
+    def fit(x, y, wd):
+        W = torch.zeros(x.shape[1], num_classes, device=x.device, requires_grad=True)
+        b = torch.zeros(num_classes, device=x.device, requires_grad=True)
+        opt = torch.optim.LBFGS([W, b], lr=1, max_iter=iters, max_eval=iters, history_size=20,
+                                line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(x @ W + b, y) + 0.5 * wd * W.square().sum()
+            loss.backward()
+            return loss
+        opt.step(closure)
+        return lambda z: (z @ W + b).detach()
+
+    order = torch.randperm(len(ftr), generator=torch.Generator().manual_seed(0)).to(ftr.device)
+    val, fit_idx = order[:len(ftr) // 10], order[len(ftr) // 10:]
+    scores = {wd: accuracy(fit(ftr[fit_idx], ytr[fit_idx], wd)(ftr[val]), ytr[val])[0] for wd in weight_decays}
+    best = max(weight_decays, key=lambda wd: (scores[wd], wd))  # ties: the stronger regulariser
+    predict = fit(ftr, ytr, best)
+    return lambda z: predict((z - mean) / std), best
+
+
+def logistic_regression(ftr, ytr, fte, yte, num_classes, **kw):
+    """eval.py's fast linear probe: fit_logistic -> ((top-1, top-5) on the held-out split, the weight decay)."""
+    predict, wd = fit_logistic(ftr, ytr, num_classes, **kw)
+    return accuracy(predict(fte), yte), wd
+
+
+# ----------------------------------------------------------------------------------------------
 # Linear semantic segmentation.
 
 def segmentation_data(data_path, size, max_images=0):
@@ -154,26 +234,154 @@ def segmentation_metrics(pred, target, num_classes):
     return (tp / union)[union > 0].mean().item(), (tp / in_target)[in_target > 0].mean().item()
 
 
+def _train_head(head, loss, n, steps, batch_size, lr, seed):
+    """AdamW (weight decay 1e-4), its lr on a cosine over `steps` batches drawn at random from the n
+    training examples; loss(indices of a batch) -> its loss."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(steps):
+        batch_loss = loss(torch.randint(n, (min(batch_size, n),), generator=g))
+        opt.zero_grad(set_to_none=True)
+        batch_loss.backward()
+        opt.step()
+        sched.step()
+
+
 def linear_segmentation(ftr, ytr, fte, num_classes, steps=500, batch_size=16, lr=1e-3, seed=0):
     """A linear head on frozen patch features ftr (N, h, w, D), standardised per channel with their
     statistics (the frozen BatchNorm of DINOv2's linear head), its logits upsampled bilinearly to
     the pixel labels ytr (N, S, S); returns the predicted labels of fte (M, S, S)."""
-    g = torch.Generator().manual_seed(seed)
     mean, std = ftr.mean((0, 1, 2)), ftr.std((0, 1, 2)) + 1e-6
     head = torch.nn.Linear(ftr.shape[-1], num_classes)
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     logits = lambda f: F.interpolate(head((f - mean) / std).permute(0, 3, 1, 2), size=ytr.shape[-2:],
                                      mode="bilinear", align_corners=False)
-    for _ in range(steps):
-        i = torch.randint(len(ftr), (min(batch_size, len(ftr)),), generator=g)
-        loss = F.cross_entropy(logits(ftr[i]), ytr[i], ignore_index=-1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+    _train_head(head, lambda i: F.cross_entropy(logits(ftr[i]), ytr[i], ignore_index=-1), len(ftr), steps,
+                batch_size, lr, seed)
     with torch.no_grad():
         return torch.cat([logits(f).argmax(1) for f in fte.split(64)])
+
+
+# ----------------------------------------------------------------------------------------------
+# Monocular depth: DINOv2's linear probe (§7.4; dinov2/hub/depthers.py and eval/depth).
+
+# Real data: split file, depth PNG units per metre, depth cap (m), evaluation crop (top, bottom,
+# left, right as fractions of the ground truth), as the depth toolbox DINOv2 evaluates with.
+DEPTH_SETS = {"NYU-Depth v2": ("nyu_train.txt", "nyu_test.txt", 1000.0, 10.0, (45 / 480, 471 / 480, 41 / 640, 601 / 640)),
+              "KITTI": ("kitti_eigen_train.txt", "kitti_eigen_test.txt", 256.0, 80.0,
+                        (0.40810811, 0.99189189, 0.03594771, 0.96405229))}   # NYU: Eigen crop; KITTI: Garg crop
+
+
+def depth_scenes(n, size=64, objects=3, seed=0, max_depth=10.0):
+    """Scenes with a depth map in metres: a camera 1 m over a ground plane, its horizon at 20-40 % of the
+    image height, the ground at depth f·h / (row − horizon) (capped at max_depth), the sky without
+    depth (0, as where NYU and KITTI have none), and `objects` of data.py's shapes standing on the ground
+    at depths z in [1.5, 8] m (uniform in 1 / z): radius f·0.3 m / z and base on the ground row of z
+    (size and height in the image follow depth), each flat and facing the camera (its pixels at z),
+    drawn far to near by data.py's renderer, so a nearer shape covers a farther one. -> images uint8
+    (n, 3, S, S), depth float32 (n, S, S), instance ids uint8 (n, S, S) (0 sky, 1 ground, 2.. the
+    objects far to near), depths (n, objects) in that order."""
+    rng = np.random.default_rng(seed)
+    horizons, f = rng.uniform(0.2, 0.4, n) * size, 0.7 * size
+    rows = np.arange(size) + 0.5
+    ground = np.minimum(max_depth, f / np.clip(rows - horizons[:, None], 1e-6, None))   # (n, S) depth per row
+    zs = np.sort(1 / rng.uniform(1 / 8, 1 / 1.5, (n, objects)), axis=1)[:, ::-1].copy()  # far to near
+    images, ids = np.empty((n, size, size), np.float32), np.empty((n, size, size), np.uint8)
+    for i, horizon in enumerate(horizons):
+        # the ground: data.py's square turned by 45° (half side 0.6 radius), its top edge on the horizon
+        scene = [("square", size / 2, horizon + 0.6 * 2 * size, 2 * size, np.pi / 4, 1.0, rng.uniform(0.25, 0.45))]
+        for z in zs[i]:
+            r = f * 0.3 / z
+            scene.append((data_lib.SHAPES[rng.integers(len(data_lib.SHAPES))], rng.uniform(r, size - r),
+                          horizon + f / z - r, r, rng.uniform(0, 2 * np.pi), rng.choice([-1.0, 1.0]), rng.uniform(0.65, 1.0)))
+        images[i], ids[i] = data_lib._render(rng.uniform(0.0, 0.2), scene, size, 3)
+    depth = np.concatenate([np.zeros((n, 2)), zs], 1)[np.arange(n)[:, None, None], ids]
+    depth = np.where(ids == 1, ground[:, :, None], depth).astype(np.float32)
+    return data_lib._to_uint8(images, rng), torch.from_numpy(depth), torch.from_numpy(ids), torch.from_numpy(zs)
+
+
+def depth_data(data_path, size, patch_size, max_images=0):
+    """(train images, train depth at their size, test images, test depth at full resolution, cap,
+    crop); synthetic: 1000 + 300 scenes of depth_scenes, no crop. Real (DEPTH_SETS): the split file's
+    "<image> <depth PNG> [focal]" lines (NYU under data_path, KITTI under input/ and gt_depth/, "None"
+    depths skipped), KITTI's images and depths cropped to the bottom-centre 352 x 1216 first (the
+    toolbox's KB crop); images resized to short side `size` (the official runs at full resolution)."""
+    if not data_path:
+        images, depth, _, _ = depth_scenes(1300, size, seed=6)
+        return images[:1000], depth[:1000], images[1000:], depth[1000:], 10.0, None
+    name = next((k for k, v in DEPTH_SETS.items() if os.path.isfile(os.path.join(data_path, v[0]))), None)
+    if name is None:
+        raise data_lib.DataError(f"{data_path} holds neither nyu_train.txt (NYU-Depth v2) nor kitti_eigen_train.txt "
+                                 f"(KITTI Eigen split)")
+    train_list, test_list, scale, cap, crop = DEPTH_SETS[name]
+    image_dir, depth_dir = ("input", "gt_depth") if name == "KITTI" else ("", "")
+    splits = []
+    for listing in (train_list, test_list):
+        pairs = [line.split()[:2] for line in open(_required(os.path.join(data_path, listing), name)) if line.strip()]
+        pairs = [(os.path.join(data_path, image_dir, a.lstrip("/")), os.path.join(data_path, depth_dir, b.lstrip("/")))
+                 for a, b in pairs if b != "None"][:max_images or None]
+        kb = lambda x: x[..., max(0, x.shape[-2] - 352):, max(0, (x.shape[-1] - 1216) // 2):][..., :352, :1216] \
+            if name == "KITTI" else x
+        x = _resize_short(torch.stack([kb(_read(a)) for a, _ in pairs]), size, patch_size)
+        y = torch.stack([kb(_read_index_png(_required(b, name)).float() / scale) for _, b in pairs])
+        splits += [x, y if splits else torch.stack([_resize_labels(d, x.shape[-2:]) for d in y])]
+    return (*splits, cap, crop)
+
+
+def depth_from_bins(logits, min_depth, max_depth):
+    """DINOv2's depth as classification (its released linear heads: 256 bins spaced uniformly from
+    min_depth to max_depth, "linear" normalisation after AdaBins, not a softmax): per pixel, weights
+    relu(logit) + 0.1 normalised to sum 1, depth = Σ weight_k · bin_k. logits (B, K, h, w) -> (B, h, w)."""
+    bins = torch.linspace(min_depth, max_depth, logits.shape[1])
+    num, den = torch.einsum("bkhw,kc->cbhw", logits.relu(), torch.stack([bins, torch.ones_like(bins)], 1))
+    return (num + 0.1 * bins.sum()) / (den + 0.1 * len(bins))    # Σ (relu + 0.1)·bin / Σ (relu + 0.1)
+
+
+def sigloss(pred, target):
+    """DINOv2's training loss (AdaBins' scale-invariant log loss) over pixels of known depth (target > 0):
+    g = log(pred + 1e-3) − log(target + 1e-3), √(Var g + 0.15·(mean g)²)."""
+    g = (pred + 1e-3).log()[target > 0] - (target + 1e-3).log()[target > 0]
+    return (g.var() + 0.15 * g.mean() ** 2).sqrt()
+
+
+def linear_depth(ctr, ptr, ytr, cte, pte, out_size, max_depth, bins=256, steps=500, batch_size=8, lr=1e-3, seed=0):
+    """DINOv2's linear depth head on frozen tokens: each patch token with the CLS token concatenated, a
+    linear map to `bins` logits (computed as W_p·patch + W_c·CLS), upsampled 4x bilinearly (the official
+    upsamples the tokens; a linear map commutes with it), depth_from_bins (1e-3 to max_depth) resized
+    bilinearly to the labels ytr (N, H, W); trained with sigloss. Tokens standardised per channel as
+    linear_segmentation's (the official head's BatchNorm is commented out; a linear map absorbs the affine
+    change, it only conditions AdamW). -> the predicted depth of the test tokens (M, *out_size)."""
+    (cm, cs), (pm, ps) = ((t.mean(0), t.std(0) + 1e-6) for t in (ctr, ptr.flatten(0, 2)))
+    C, (h, w) = ctr.shape[-1], ptr.shape[1:3]
+    head = torch.nn.Linear(2 * C, bins)
+    # bilinear 4x upsampling (align_corners=False) as matrices (4h, h) and (4w, w): the same, 5x faster on CPU
+    Uh, Uw = (F.interpolate(torch.eye(n)[:, None, :, None], size=(4 * n, 1), mode="bilinear")[:, 0, :, 0].T for n in (h, w))
+
+    def depth(c, p, size):
+        logits = (p - pm) / ps @ head.weight[:, :C].T + head.bias + ((c - cm) / cs @ head.weight[:, C:].T)[:, None, None]
+        d = depth_from_bins(Uh @ logits.permute(0, 3, 1, 2) @ Uw.T, 1e-3, max_depth)[:, None]
+        return F.interpolate(d, size=size, mode="bilinear", align_corners=False)[:, 0]
+    _train_head(head, lambda i: sigloss(depth(ctr[i], ptr[i], ytr.shape[-2:]), ytr[i]), len(ptr), steps, batch_size,
+                lr, seed)
+    with torch.no_grad():
+        return torch.cat([depth(c, p, out_size) for c, p in zip(cte.split(16), pte.split(16))])
+
+
+def depth_metrics(pred, gt, max_depth, crop=None, min_depth=1e-3):
+    """The depth toolbox's metrics, per image over its pixels with min_depth < gt < max_depth (and inside
+    `crop`: top, bottom, left, right as fractions), then averaged over the images: RMSE = √mean((gt −
+    pred)²) in metres, AbsRel = mean(|gt − pred| / gt), δ1 = the share with max(gt/pred, pred/gt) < 1.25."""
+    keep = (gt > min_depth) & (gt < max_depth)
+    if crop is not None:
+        H, W = gt.shape[-2:]
+        box = torch.zeros_like(keep)
+        box[..., int(crop[0] * H):int(crop[1] * H), int(crop[2] * W):int(crop[3] * W)] = True
+        keep &= box
+    rmse, absrel, d1 = zip(*[(((g - p) ** 2).mean().sqrt(), ((g - p).abs() / g).mean(),
+                              (torch.maximum(g / p, p / g) < 1.25).float().mean())
+                             for p, g in ((p[k], g[k]) for p, g, k in zip(pred, gt, keep)) if len(g)])
+    return {"RMSE": torch.stack(rmse).mean().item(), "AbsRel": torch.stack(absrel).mean().item(),
+            "delta1": torch.stack(d1).mean().item()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,14 +467,101 @@ def video_data(data_path, size=64, patch_size=8):
     clips = []
     for name in open(listing).read().split():
         files = _files(os.path.join(root, "JPEGImages", "480p", name))
-        raw = [_read(f) for f in files]
-        H, W = raw[0].shape[-2:]
-        step = 64 if 64 % patch_size == 0 else patch_size
-        th, tw = (size, int(size * W / H) // step * step) if W > H else (int(size * H / W) // step * step, size)
+        raw = torch.stack([_read(f) for f in files])
+        H, W = raw.shape[-2:]
         labels = [os.path.join(root, "Annotations", "480p", name, os.path.basename(f)[:-4] + ".png") for f in files]
         labels = torch.stack([_read_index_png(p) if os.path.isfile(p) else torch.full((H, W), -1) for p in labels])
-        clips.append((name, torch.stack([_resize(x, (th, tw)) for x in raw]), labels, (H, W)))
+        clips.append((name, _resize_short(raw, size, 64 if 64 % patch_size == 0 else patch_size), labels, (H, W)))
     return clips
+
+
+# ----------------------------------------------------------------------------------------------
+# Action recognition: DINOv2's video classification (§7.2).
+
+MOTIONS = ("left", "right", "up", "down", "clockwise", "anticlockwise", "grow", "shrink")
+_STEPS = [(-1, 0, 0, 0), (1, 0, 0, 0), (0, -1, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, -1, 0), (0, 0, 0, 1),
+          (0, 0, 0, -1)]   # per motion, steps of (x, y, angle, log radius); y and angle grow downwards / clockwise
+
+
+def action_clips(n, frames=8, size=64, seed=0):
+    """n clips (n, frames, 3, S, S) uint8 of one shape each, moving, and their classes (n,), the motion
+    (MOTIONS: 0.03·S px, 0.15 rad or x1.06 per frame). Shape (any of data.py's but the disk and the ring,
+    which do not show a turn), position, radius, angle, mirror and grey levels are drawn independently of
+    the class, and frame t shows the state at the clip's middle moved (t − (frames − 1) / 2) steps: the
+    middle frames look alike whatever the motion, so a single frame tells next to nothing of the class."""
+    rng = np.random.default_rng(seed)
+    labels, shapes = rng.integers(0, len(MOTIONS), n), [s for s in data_lib.SHAPES if s not in ("disk", "ring")]
+    images, half = np.empty((n, frames, size, size), np.float32), (frames - 1) / 2
+    for i in range(n):
+        shape, r = shapes[rng.integers(len(shapes))], rng.uniform(0.08, 0.12) * size
+        margin = r * 1.06 ** half + 0.03 * size * half          # room for every motion to stay in the image
+        cx, cy = rng.uniform(margin, size - margin, 2)
+        angle, mirror, level, background = rng.uniform(0, 2 * np.pi), rng.choice([-1.0, 1.0]), *rng.uniform(
+            (0.65, 0.0), (1.0, 0.35))
+        dx, dy, da, ds = _STEPS[labels[i]]
+        for t in range(frames):
+            u = t - half
+            obj = (shape, cx + u * dx * 0.03 * size, cy + u * dy * 0.03 * size, r * 1.06 ** (u * ds),
+                   angle + u * da * 0.15, mirror, level)
+            images[i, t] = data_lib._render(background, [obj], size, 3)[0]
+    return data_lib._to_uint8(images, rng), torch.from_numpy(labels)
+
+
+def action_data(data_path, max_images=0, frames=8):
+    """(train clips, test clips, class names, pooling): clips as [(frames uint8 (T, 3, H, W) or T frame
+    files, label)]; synthetic: 400 + 160 action_clips, whose class is the motion, so the frames'
+    features are concatenated (as DINOv2 does for SSv2); real: `frames` evenly spaced frames (the
+    centres of equal segments) of each clip, their features averaged (as DINOv2 for UCF101 and K-400).
+    UCF101: classInd.txt, trainlist01.txt, testlist01.txt (in data_path or ucfTrainTestlist/), each
+    video's frames extracted into a folder named as the video without its extension (in data_path or
+    UCF-101/). Kinetics-style: train/<class>/<clip>/*.jpg and val/ (or test/)."""
+    if not data_path:
+        clips, labels = action_clips(560, frames, seed=7)
+        return list(zip(clips[:400], labels[:400])), list(zip(clips[400:], labels[400:])), MOTIONS, "concat"
+    lists = next((d for d in (data_path, os.path.join(data_path, "ucfTrainTestlist"))
+                  if os.path.isfile(os.path.join(d, "classInd.txt"))), None)
+    if lists:
+        names = [line.split()[1] for line in open(os.path.join(lists, "classInd.txt")) if line.strip()]
+        root = _dataset_root(data_path, "UCF-101")
+        splits = []
+        for listing in ("trainlist01.txt", "testlist01.txt"):
+            videos = [line.split()[0] for line in open(_required(os.path.join(lists, listing), "UCF101")) if line.strip()]
+            splits.append([(os.path.join(root, os.path.splitext(v)[0]), names.index(v.split("/")[0])) for v in videos])
+    elif os.path.isdir(os.path.join(data_path, "train")):
+        names = sorted(os.listdir(os.path.join(data_path, "train")))
+        test = "val" if os.path.isdir(os.path.join(data_path, "val")) else "test"
+        splits = [[(os.path.join(data_path, split, c, clip), k) for k, c in enumerate(names)
+                   for clip in sorted(os.listdir(os.path.join(data_path, split, c)))] for split in ("train", test)]
+    else:
+        raise data_lib.DataError(f"{data_path} holds neither UCF101's classInd.txt nor a Kinetics-style "
+                                 f"train/<class>/<clip>/ folder of frames")
+    out = []
+    for split in splits:
+        split = split[::max(1, len(split) // max_images)][:max_images] if max_images else split  # all classes
+        for folder, _ in split:
+            if not os.path.isdir(folder):
+                video = next(iter(glob.glob(glob.escape(folder) + ".*")), None)
+                raise data_lib.DataError(f"{video} is a video: extract its frames into {folder}/ (reading videos needs "
+                                         f"PyAV)" if video else f"{folder} not found (a folder of the clip's frames)")
+        out.append([(_evenly(_files(folder), frames), label) for folder, label in split])
+    return (*out, tuple(names), "mean")
+
+
+def _evenly(items, k):
+    """k items at the centres of k equal segments of the list (repeated when it is shorter)."""
+    if not items:
+        raise data_lib.DataError("a clip folder holds no frames")
+    return [items[(2 * i + 1) * len(items) // (2 * k)] for i in range(k)]
+
+
+def clip_features(backbone, clips, device, size, batch=8):
+    """Each clip's frames (uint8 tensors or files, read resized whole to size x size) -> CLS and mean patch
+    token of each frame, DINOv2's linear-probe features (N, T, 2D); `batch` clips per forward."""
+    out = []
+    for i in range(0, len(clips), batch):
+        frames = [f if torch.is_tensor(f) else torch.stack([_read(p, size) for p in f]) for f, _ in clips[i:i + batch]]
+        out.append(global_features(backbone, torch.cat(frames), device, size, "mean").unflatten(0, (len(frames), -1)))
+    return torch.cat(out)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -538,7 +833,7 @@ def run(task, backbone, device, data_path="", global_size=32, dense_size=64, pic
         return {**out, "queries": len(queries)}
     if task == "copydetection":
         database, queries, positives, whitening = copy_detection_data(data_path, global_size, g)
-        fd, fq, fw = (global_features(backbone, x, device, global_size, gem=True) for x in (database, queries, whitening))
+        fd, fq, fw = (global_features(backbone, x, device, global_size, "gem") for x in (database, queries, whitening))
         fd, fq = (F.normalize(x, dim=-1) for x in whiten(fw, fd, fq))
         sim = fq @ fd.T
         _ranking_picture(queries[:5], database, sim[:5], positives[:5], picture)
@@ -554,6 +849,29 @@ def run(task, backbone, device, data_path="", global_size=32, dense_size=64, pic
         aps = [box_ap(detections, truth, t) for t in torch.linspace(0.5, 0.95, 10).tolist()]
         _boxes_picture(images[:6], truth[:6], detections[:6], picture)
         return {"AP50": 100 * aps[0], "AP75": 100 * aps[5], "AP": 100 * sum(aps) / 10, "images": len(images)}
+    if task == "depth":
+        xtr, ytr, xte, yte, cap, crop = depth_data(data_path, dense_size, p, max_images)
+        n = len(backbone.blocks)   # lin. 4: DINOv2's four evenly spaced blocks (ViT-S/B 2, 5, 8, 11), ViT-L's 4, 11, 17, 23
+        blocks = {24: [4, 11, 17, 23]}.get(n, [round(n * (i + 1) / 4) - 1 for i in range(4)])
+        (ctr, ptr), (cte, pte) = (block_tokens(backbone, x, device, blocks) for x in (xtr, xte))
+        out, preds, D = {"images": len(xte)}, [], backbone.embed_dim
+        for name, k in (("lin1", slice(-D, None)), ("lin4", slice(None))):   # lin. 1: the last block alone
+            preds.append(linear_depth(ctr[:, k], ptr[..., k], ytr, cte[:, k], pte[..., k], yte.shape[-2:], cap, seed=seed))
+            out.update({f"{name}_{m}": v for m, v in depth_metrics(preds[-1], yte, cap, crop).items()})
+        _depth_picture(xte[:6], [yte[:6]] + [d[:6] for d in preds], ["truth", "lin. 1", "lin. 4"], cap, picture)
+        return out
+    if task == "action":
+        train, test, names, pool = action_data(data_path, max_images)
+        (ftr, ytr), (fte, yte) = ((clip_features(backbone, c, device, global_size), torch.tensor([y for _, y in c]))
+                                  for c in (train, test))   # (N, T, 2D)
+        joined = (lambda f: f.flatten(1)) if pool == "concat" else (lambda f: f.mean(1))
+        predict, wd = fit_logistic(joined(ftr), ytr, len(names))
+        logits, mid = predict(joined(fte)), ftr.shape[1] // 2
+        single, _ = fit_logistic(ftr[:, mid], ytr, len(names))   # the control: one middle frame
+        _confusion_picture(logits.argmax(1), yte, names, picture)
+        top1, top5 = accuracy(logits, yte)
+        return {"top1": top1, "top5": top5, "single_frame_top1": accuracy(single(fte[:, mid]), yte)[0],
+                "frames": ftr.shape[1], "pooling": pool, "weight_decay": wd, "clips": len(yte)}
     raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
 
 
@@ -628,4 +946,29 @@ def _boxes_picture(images, truth, detections, path):
         for b, s in zip(boxes.tolist(), scores.tolist()):
             ax.add_patch(box(b, color="red", lw=1.2, ls="--"))
             ax.text(b[0], b[1] - 1, f"{s:.2f}", color="red", fontsize=6)
+    save(fig, path)
+
+
+def _depth_picture(images, maps, titles, cap, path):
+    """Each image, then its depth maps (true, predicted ...), 0 (dark) to cap metres (light)."""
+    fig, axes = figure(len(maps) + 1, len(images), (1.8, 1.5 * images.shape[-2] / images.shape[-1] + 0.2))
+    for i in range(len(images)):
+        show(axes[0, i], images[i])
+        for r, d in enumerate(maps):
+            show(axes[r + 1, i], d[i].numpy(), cmap="magma", vmin=0, vmax=cap)
+            axes[r + 1, 0].set_ylabel(titles[r], fontsize=8)
+    save(fig, path)
+
+
+def _confusion_picture(pred, labels, names, path):
+    """The confusion matrix in % of each true class (rows), class names where they fit."""
+    k = len(names)
+    cm = torch.bincount(labels * k + pred, minlength=k * k).view(k, k).float()
+    fig, axes = figure(1, 1, (min(12, 2 + 0.45 * k),) * 2)
+    ax = axes[0, 0]
+    ax.imshow(100 * cm / cm.sum(1, keepdim=True).clamp(min=1), cmap="Blues", vmin=0, vmax=100)
+    ticks = range(k) if k <= 30 else []
+    ax.set_xticks(ticks, [names[i] for i in ticks], rotation=90, fontsize=7)
+    ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=7)
+    ax.set(xlabel="predicted", ylabel="true")
     save(fig, path)
