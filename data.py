@@ -11,7 +11,8 @@ colour-jittered (p 0.8), greyscaled (p 0.2), blurred (p 1.0 / 0.1 / 0.5 for glob
 local) and, on the second global crop only, solarised (p 0.2). The operations are the official
 ones, written as batched tensor ops so that they cost little on 2 CPU cores and run on the GPU:
 each crop gets its own random parameters, drawn from a generator seeded by (seed, step, rank), so
-a run is reproducible and resumes exactly.
+a run is reproducible and resumes exactly. The parameters are drawn on the CPU first and reach
+the device in one copy (`to_device`): the host never waits for a GPU within a step.
 """
 import functools
 import gzip
@@ -444,21 +445,46 @@ def adjust_hue(x, shift):
     h = torch.where(maxc == r, (g_ - b) / d, torch.where(maxc == g_, 2 + (b - r) / d, 4 + (r - g_) / d))
     h = torch.where(delta > 0, h / 6 % 1.0, torch.zeros_like(h))
     h = (h + shift.view(-1, 1, 1)) % 1.0
-    k = (torch.tensor([5.0, 3.0, 1.0], device=x.device).view(1, 3, 1, 1) + 6 * h.unsqueeze(1)) % 6
+    k = (torch.arange(5.0, 0.0, -2.0, device=x.device).view(1, 3, 1, 1) + 6 * h.unsqueeze(1)) % 6  # 5, 3, 1
     return v.unsqueeze(1) - (v * s).unsqueeze(1) * (torch.minimum(k, 4 - k).clamp(0, 1))
 
 
-def color_jitter(x, g, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, record=None):
+def to_device(tensors, device):
+    """The CPU tensors of a dict on `device` in one copy: their bytes packed into one pinned
+    buffer, copied without blocking the host, and cut back into tensors; other values as they are."""
+    if device.type == "cpu":
+        return tensors
+    tensors, other = ({k: v for k, v in tensors.items() if torch.is_tensor(v) == keep} for keep in (True, False))
+    chunks = [t.contiguous().view(-1).view(torch.uint8) for t in tensors.values()]
+    pad = [-len(c) % 8 for c in chunks]  # every tensor starts 8-byte aligned in the buffer
+    buffer = torch.cat([torch.cat([c, c.new_zeros(p)]) for c, p in zip(chunks, pad)])
+    buffer = buffer.pin_memory() if device.type == "cuda" else buffer
+    buffer = buffer.to(device, non_blocking=True)
+    out, start = other, 0
+    for (key, t), c, p in zip(tensors.items(), chunks, pad):
+        out[key] = buffer[start:start + len(c)].view(t.dtype).view(t.shape)
+        start += len(c) + p
+    return out
+
+
+def jitter_draws(n, g, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1):
+    """torchvision's ColorJitter draws for n images, on the CPU: the factors (n,), uniform, and
+    an order (n, 4) of the four operations per image (0 brightness, 1 contrast, 2 saturation, 3 hue)."""
+    b, c, s = (torch.empty(n).uniform_(1 - f, 1 + f, generator=g) for f in (brightness, contrast, saturation))
+    h = torch.empty(n).uniform_(-hue, hue, generator=g)
+    order = torch.rand(n, 4, generator=g).argsort(1)  # a random permutation per image
+    return {"brightness": b, "contrast": c, "saturation": s, "hue": h, "order": order}
+
+
+def color_jitter(x, g, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, record=None, drawn=None):
     """torchvision's ColorJitter per image: factors drawn uniformly, the four operations applied
-    in an order drawn at random for each image (as torchvision does). `record`, a dict, receives
-    the drawn factors (n,) and orders (n, 4) (0 brightness, 1 contrast, 2 saturation, 3 hue)."""
-    n, dev = x.shape[0], x.device
-    b, c, s = (torch.empty(n).uniform_(1 - f, 1 + f, generator=g).to(dev).view(-1, 1, 1, 1)
-               for f in (brightness, contrast, saturation))
-    h = torch.empty(n).uniform_(-hue, hue, generator=g).to(dev)
-    order = torch.rand(n, 4, generator=g).argsort(1).to(dev)  # a random permutation per image
+    in an order drawn at random for each image (as torchvision does). `drawn`: the jitter_draws
+    (on x's device) to use instead of drawing from g; `record`, a dict, receives them."""
+    drawn = drawn or to_device(jitter_draws(x.shape[0], g, brightness, contrast, saturation, hue), x.device)
     if record is not None:
-        record.update(brightness=b.flatten(), contrast=c.flatten(), saturation=s.flatten(), hue=h, order=order)
+        record.update(drawn)
+    b, c, s = (drawn[k].view(-1, 1, 1, 1) for k in ("brightness", "contrast", "saturation"))
+    h, order = drawn["hue"], drawn["order"]
     for position in range(4):
         op = order[:, position].view(-1, 1, 1, 1)
         x = torch.where(op == 0, (x * b).clamp(0, 1), x)
@@ -468,11 +494,13 @@ def color_jitter(x, g, brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1, re
     return x
 
 
-def gaussian_blur(x, sigma, max_radius=None):
+def gaussian_blur(x, sigma, max_radius=None, sigma_max=None):
     """Blur each image with its own σ (n,) in pixels: a separable Gaussian, reflect padding, taps
-    out to ⌈3σ⌉ (PIL's blur, DINO) or at most max_radius (torchvision's fixed kernel, DINOv2)."""
+    out to ⌈3σ⌉ (PIL's blur, DINO) or at most max_radius (torchvision's fixed kernel, DINOv2).
+    sigma_max: the largest σ, when known on the host (else read from sigma)."""
     n, C, H, W = x.shape
-    radius = min(int(math.ceil(3 * float(sigma.max()))), max_radius or H, (min(H, W) - 1) // 2)
+    sigma_max = float(sigma.max()) if sigma_max is None else sigma_max
+    radius = min(int(math.ceil(3 * sigma_max)), max_radius or H, (min(H, W) - 1) // 2)
     if radius < 1:
         return x
     t = torch.arange(-radius, radius + 1, device=x.device, dtype=x.dtype)
@@ -506,52 +534,73 @@ class MultiCrop:
         return [(self.global_size, self.global_scale, 1), (self.global_size, self.global_scale, 1),
                 (self.local_size, self.local_scale, self.local_number)]
 
-    def photometric(self, x, g, blur_p, solarize_p, record=None):
-        """Colour jitter (p 0.8), greyscale (p 0.2), blur (p blur_p), solarise (p solarize_p),
-        normalise. x: (n, 3, h, w) in [0, 1]. `record`, a dict, receives the probabilities (`p`),
-        which images got each operation (n,) bool, the jitter factors and the blur σ (n,)."""
-        n, dev = x.shape[0], x.device
-        record = {} if record is None else record
-        record.update(p={"jitter": 0.8, "grey": 0.2, "blur": blur_p, "solarize": solarize_p},
-                      blur=torch.zeros(n, dtype=torch.bool), solarize=torch.zeros(n, dtype=torch.bool))
+    def photometric_draws(self, n, g, blur_p, solarize_p):
+        """The draws of `photometric` for n images, on the CPU, in the official order: which
+        images get each operation (n,) bool, the jitter draws, the blur σ (n,)."""
+        drawn = {}
 
-        def coin(op, p):  # which images get operation `op`
-            record[op] = torch.rand(n, generator=g) < p
-            return record[op].to(dev).view(-1, 1, 1, 1)
-        x = torch.where(coin("jitter", 0.8), color_jitter(x, g, record=record), x)
-        x = torch.where(coin("grey", 0.2), grey(x).expand(-1, 3, -1, -1), x)
-        record["sigma"] = sigma = torch.empty(n).uniform_(*self.blur_sigma, generator=g)
-        x = torch.where(coin("blur", blur_p), gaussian_blur(x, sigma, self.blur_radius), x) if blur_p > 0 else x
+        def coin(op, p):  # which images get operation `op` (no draw when p is 0)
+            drawn[op] = torch.rand(n, generator=g) < p if p > 0 else torch.zeros(n, dtype=torch.bool)
+        coin("jitter", 0.8)
+        drawn.update(jitter_draws(n, g))
+        coin("grey", 0.2)
+        drawn["sigma"] = torch.empty(n).uniform_(*self.blur_sigma, generator=g)
+        drawn["sigma_max"] = float(drawn["sigma"].max())  # the blur's radius, known on the host
+        coin("blur", blur_p)
+        coin("solarize", solarize_p)
+        return drawn
+
+    def photometric(self, x, g, blur_p, solarize_p, record=None, drawn=None):
+        """Colour jitter (p 0.8), greyscale (p 0.2), blur (p blur_p), solarise (p solarize_p),
+        normalise. x: (n, 3, h, w) in [0, 1]. `drawn`: its photometric_draws on x's device
+        (else drawn from g); `record`, a dict, receives the probabilities (`p`) and the draws."""
+        if drawn is None:
+            drawn = to_device(self.photometric_draws(x.shape[0], g, blur_p, solarize_p), x.device)
+        if record is not None:
+            record.update({k: v for k, v in drawn.items() if torch.is_tensor(v)},
+                          p={"jitter": 0.8, "grey": 0.2, "blur": blur_p, "solarize": solarize_p})
+        coin = lambda op: drawn[op].view(-1, 1, 1, 1)
+        x = torch.where(coin("jitter"), color_jitter(x, None, drawn=drawn), x)
+        x = torch.where(coin("grey"), grey(x).expand(-1, 3, -1, -1), x)
+        sigma, most = drawn["sigma"], drawn["sigma_max"]
+        x = torch.where(coin("blur"), gaussian_blur(x, sigma, self.blur_radius, most), x) if blur_p > 0 else x
         if solarize_p > 0:  # PIL's ImageOps.solarize: invert pixels at or above 128
-            x = torch.where(coin("solarize", solarize_p), torch.where(x >= 128 / 255, 1 - x, x), x)
+            x = torch.where(coin("solarize"), torch.where(x >= 128 / 255, 1 - x, x), x)
         return normalize(x)
 
     def __call__(self, images, g, record=None):
         """`record`, a list, receives one dict per crop, in output order: what `photometric`
         records, per image (B,), and for in-memory images the crop boxes (B, 4) (top, left, h, w)
         and flips (B,). Recording changes no draw and no output."""
-        groups, drawn = [], [{}, {}, {}]  # per group (global 1, global 2, locals): its crops, what was drawn
+        B = images[0].shape[0] if isinstance(images, (list, tuple)) else images.shape[0]
+        blur_solarize = [(1.0, 0.0), (0.1, 0.2), (0.5, 0.0)]  # per group (global 1, global 2, locals)
+        # Blur p 1.0 / 0.1 / 0.5 is DINO's, and what DINOv2 intends: its GaussianBlur hands 1 − p to
+        # RandomApply, so its code blurs global crop 1 never, global crop 2 with p 0.9 and locals
+        # with 0.5 (a known bug). We use the intended values for both methods.
+        drawn = [{}, {}, {}]  # per group: every draw of the step, on the CPU, in the official order
+        if not isinstance(images, (list, tuple)):  # the geometry: boxes and flips (folders: done by workers)
+            for (size, scale, count), geometry in zip(self.crop_plan(), drawn):
+                geometry.update(box=random_resized_crop_boxes(B * count, *images.shape[-2:], scale, g),
+                                flip=torch.rand(B * count, generator=g) < 0.5)
+        for (_, _, count), group, (blur_p, solarize_p) in zip(self.crop_plan(), drawn, blur_solarize):
+            group.update(self.photometric_draws(B * count, g, blur_p, solarize_p) if count else {})
+        device = images[0].device if isinstance(images, (list, tuple)) else images.device
+        on_device = to_device({f"{i} {k}": v for i, group in enumerate(drawn) for k, v in group.items()}, device)
+        on_device = [{k: on_device[f"{i} {k}"] for k in group} for i, group in enumerate(drawn)]
         if isinstance(images, (list, tuple)):  # crops from FolderImages workers
             groups = [images[0], images[1], torch.cat(images[2:]) if self.local_number else None]
             groups = [x.float() / 255 if x is not None else None for x in groups]
         else:
-            B, _, H, W = images.shape
             x = images.float() / 255
-            for (size, scale, count), geometry in zip(self.crop_plan(), drawn):
-                boxes = random_resized_crop_boxes(B * count, H, W, scale, g)
-                flips = torch.rand(B * count, generator=g) < 0.5
-                groups.append(resized_crops(x.repeat(count, 1, 1, 1), boxes, flips, size) if count else None)
-                geometry.update(box=boxes, flip=flips)
-        # Blur p 1.0 / 0.1 / 0.5 is DINO's, and what DINOv2 intends: its GaussianBlur hands 1 − p to
-        # RandomApply, so its code blurs global crop 1 never, global crop 2 with p 0.9 and locals
-        # with 0.5 (a known bug). We use the intended values for both methods.
-        crops = [self.photometric(groups[0], g, blur_p=1.0, solarize_p=0.0, record=drawn[0]),
-                 self.photometric(groups[1], g, blur_p=0.1, solarize_p=0.2, record=drawn[1])]
+            groups = [resized_crops(x.repeat(count, 1, 1, 1), d["box"], d["flip"], size) if count else None
+                      for (size, _, count), d in zip(self.crop_plan(), on_device)]
+        records = [{k: d[k] for k in ("box", "flip") if k in d} for d in on_device]
+        crops = [self.photometric(groups[i], g, *blur_solarize[i], records[i], on_device[i]) for i in (0, 1)]
         if self.local_number:
-            local = self.photometric(groups[2], g, blur_p=0.5, solarize_p=0.0, record=drawn[2])
+            local = self.photometric(groups[2], g, *blur_solarize[2], records[2], on_device[2])
             crops += local.chunk(self.local_number)
         if record is not None:  # one dict per crop: the locals' batch cut as their crops are
-            for group, count in zip(drawn, (1, 1, self.local_number)):
+            for group, count in zip(records, (1, 1, self.local_number)):
                 record += [{key: v if key == "p" else v.chunk(count)[k] for key, v in group.items()}
                            for k in range(count)]
         return crops
@@ -614,8 +663,15 @@ def eval_view(images, size):
 
 def normalize(x):
     """Float images in [0, 1] (B, 3, H, W) -> normalised with the ImageNet mean and std."""
-    mean, std = torch.tensor(IMAGENET_MEAN, device=x.device), torch.tensor(IMAGENET_STD, device=x.device)
-    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    mean, std = _mean_std(x.device)
+    return (x - mean) / std
+
+
+@functools.lru_cache
+def _mean_std(device):
+    """The ImageNet mean and std (1, 3, 1, 1) on `device`, copied there once."""
+    return (torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1),
+            torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1))
 
 
 # ----------------------------------------------------------------------------------------------

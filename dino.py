@@ -271,7 +271,7 @@ class DINO(nn.Module):
         tau_t = self.teacher_temp(step)
         loss = dino_loss(student_out, teacher_out, self.center, cfg.student_temp, tau_t)   # Eq. 3
         self.center.copy_(update_center(self.center, teacher_out, cfg.center_momentum))  # Eq. 4
-        return loss, {"dino_loss": loss.item(), "teacher_temp": tau_t}
+        return loss, {"dino_loss": loss.detach(), "teacher_temp": tau_t}
 
     def param_groups(self):
         return param_groups(self.student)

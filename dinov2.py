@@ -178,7 +178,7 @@ def sinkhorn_knopp(logits, teacher_temp, n_iterations=3):
     ranks (b summed over ranks is the global count). fp32."""
     Q = torch.exp(logits.float() / teacher_temp).T                  # (K, b)
     K = Q.shape[0]
-    total = dist.all_reduce_sum(torch.tensor(float(Q.shape[1]), device=Q.device))  # samples, all ranks
+    total = dist.all_reduce_sum(Q.new_full((), Q.shape[1]))  # samples, all ranks (no host copy)
     Q /= dist.all_reduce_sum(Q.sum())
     for _ in range(n_iterations):
         Q /= dist.all_reduce_sum(Q.sum(dim=1, keepdim=True))        # rows: mass 1/K per prototype
@@ -211,21 +211,29 @@ class DINOv2Net(nn.Module):
         out = self.head(torch.cat([cls, patches]))
         return out[:len(cls)], out[len(cls):]
 
-    def forward(self, global_crops, local_crops, masks):
+    def forward(self, global_crops, local_crops, masks, n_masked=None):
         """Student: global crops with the masked patches replaced by the mask token (a backbone
-        without one, distillation's, only selects them), local crops.
+        without one, distillation's, only selects them), local crops; n_masked: see masked_rows.
         -> CLS logits of all crops (globals first), masked-patch logits, global CLS features."""
         g = self.backbone.forward_features(global_crops, masks if self.backbone.mask_token is not None else None)
-        cls_g, patches = g["x_norm_clstoken"], g["x_norm_patchtokens"][masks]   # (2B, D), (M, D)
+        cls_g, patches = g["x_norm_clstoken"], masked_rows(g["x_norm_patchtokens"], masks, n_masked)  # (2B, D), (M, D)
         cls = torch.cat([cls_g, self.backbone(local_crops)]) if local_crops is not None else cls_g
         cls_out, patch_out = self.heads(cls, patches)
         return cls_out, patch_out, cls_g
 
     @torch.no_grad()
-    def teacher_forward(self, global_crops, masks):
+    def teacher_forward(self, global_crops, masks, n_masked=None):
         """Teacher: the unmasked global crops; logits of the CLS and of the patches at the masked positions."""
         g = self.backbone.forward_features(global_crops)
-        return self.heads(g["x_norm_clstoken"], g["x_norm_patchtokens"][masks])
+        return self.heads(g["x_norm_clstoken"], masked_rows(g["x_norm_patchtokens"], masks, n_masked))
+
+
+def masked_rows(tokens, masks, n_masked=None):
+    """tokens (2B, N, D) at the masked positions, in order -> (M, D). With M = n_masked known on
+    the host, without the device sync of tokens[masks] (whose size the host must wait for)."""
+    if n_masked is None:
+        return tokens[masks]
+    return tokens.flatten(0, 1)[torch.nonzero_static(masks.flatten(), size=n_masked).squeeze(1)]
 
 
 def param_groups(student, layerwise_decay, patch_embed_lr_mult):
@@ -297,8 +305,13 @@ def masks_and_weights(cfg, crops):
     the iBOT weight w_i = 1 / #masked of the image of each masked patch (M_total,)."""
     B, grid = crops[0].shape[0], crops[0].shape[-1] // cfg.patch_size
     masks = data_lib.sample_masks(2 * B, grid, grid, cfg.mask_ratio_min_max, cfg.mask_sample_probability)
-    masks = masks.to(crops[0].device)
-    return masks, ibot_weights(masks)
+    return on_device(masks, crops[0].device)
+
+
+def on_device(masks, device):
+    """Host masks and their iBOT weights, both computed on the host, on the device in one copy."""
+    moved = data_lib.to_device({"masks": masks, "weights": ibot_weights(masks)}, device)
+    return moved["masks"], moved["weights"]
 
 
 def ibot_weights(masks):
@@ -339,7 +352,7 @@ class DINOv2(nn.Module):
         masks, weights = self.masks_and_weights(crops)                    # M (2B, N), w_i
         tau_t = self.teacher_temp(step)
 
-        t_cls, t_patch = self.target_net().teacher_forward(global_crops, masks)
+        t_cls, t_patch = self.target_net().teacher_forward(global_crops, masks, len(weights))
         if cfg.centering == "centering":
             p_cls = dino.centred_softmax(t_cls, self.center, tau_t)           # P_t = softmax((g_θt − C)/τ_t)
             p_patch = dino.centred_softmax(t_patch, self.center_patch, tau_t)
@@ -351,12 +364,12 @@ class DINOv2(nn.Module):
             p_cls = sinkhorn_knopp(t_cls, tau_t)
             p_patch = sinkhorn_knopp(t_patch, tau_t)
 
-        s_cls, s_patch, s_cls_backbone = self.student(global_crops, local_crops, masks)
+        s_cls, s_patch, s_cls_backbone = self.student(global_crops, local_crops, masks, len(weights))
         dino_term = dino.cross_entropy_pairs(s_cls, p_cls, cfg.student_temp)   # §4 image-level: ℒ_DINO
         koleo = sum(koleo_loss(x) for x in s_cls_backbone.chunk(2))  # §4 ℒ_koleo, per global crop, not across them
         ibot = ibot_loss(s_patch, p_patch, weights, 2 * B, cfg.student_temp)   # §4 patch-level: ℒ_iBOT
         loss = dino_term + cfg.koleo_loss_weight * koleo + cfg.ibot_loss_weight * ibot
-        return loss, {"dino_loss": dino_term.item(), "koleo_loss": koleo.item(), "ibot_loss": ibot.item(),
+        return loss, {"dino_loss": dino_term.detach(), "koleo_loss": koleo.detach(), "ibot_loss": ibot.detach(),
                       "teacher_temp": tau_t}
 
     def param_groups(self):
@@ -379,8 +392,7 @@ class DINOv2Distillation(DINOv2):
 
     def masks_and_weights(self, crops):
         B, grid = crops[0].shape[0], crops[0].shape[-1] // self.cfg.patch_size
-        masks = torch.ones(2 * B, grid * grid, dtype=torch.bool, device=crops[0].device)   # every patch
-        return masks, ibot_weights(masks)
+        return on_device(torch.ones(2 * B, grid * grid, dtype=torch.bool), crops[0].device)   # every patch
 
     def target_net(self):
         return self.frozen

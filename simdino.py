@@ -149,7 +149,7 @@ class SimDINO(nn.Module):
         align = alignment(student_out.float(), teacher_out.float())
         expa, R = expansion(student_out.float(), teacher_out.float(), cfg.eps, cfg.expa_type, bool(cfg.reduce_cov))
         loss = -cfg.coeff * align - expa               # SimDINO loss: −coeff·alignment − γ·R_ε
-        return loss, {"comp_loss": align.item(), "expa_loss": expa.item(), "coding_rate": R.item()}
+        return loss, {"comp_loss": align.detach(), "expa_loss": expa.detach(), "coding_rate": R.detach()}
 
     def param_groups(self):
         return dino.param_groups(self.student)

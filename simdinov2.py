@@ -100,14 +100,14 @@ class SimDINOv2(nn.Module):
         global_crops = torch.cat(crops[:2])
         local_crops = torch.cat(crops[2:]) if len(crops) > 2 else None
         masks, weights = dinov2.masks_and_weights(cfg, crops)
-        t_cls, t_patch = self.teacher.teacher_forward(global_crops, masks)   # unmasked global crops
-        s_cls, s_patch, _ = self.student(global_crops, local_crops, masks)   # (V·B, d) globals first
+        t_cls, t_patch = self.teacher.teacher_forward(global_crops, masks, len(weights))   # unmasked globals
+        s_cls, s_patch, _ = self.student(global_crops, local_crops, masks, len(weights))   # (V·B, d) globals first
         align = simdino.alignment(s_cls.float(), t_cls.float())
         expa, R = simdino.expansion(s_cls.float(), t_cls.float(), cfg.eps, cfg.expa_type, bool(cfg.reduce_cov))
         patch = patch_alignment(s_patch, t_patch, weights, 2 * B)
         loss = -cfg.coeff * align - expa - cfg.ibot_loss_weight * patch   # CLS terms + patch term
-        return loss, {"comp_loss": align.item(), "expa_loss": expa.item(), "coding_rate": R.item(),
-                      "patch_loss": -patch.item()}
+        return loss, {"comp_loss": align.detach(), "expa_loss": expa.detach(), "coding_rate": R.detach(),
+                      "patch_loss": -patch.detach()}
 
     def param_groups(self):
         return dinov2.param_groups(self.student, self.cfg.layerwise_decay, self.cfg.patch_embed_lr_mult)

@@ -86,9 +86,10 @@ class TrainConfig:
     weight_decay_end: float = flag(0.4, "final weight decay")
     clip_grad: float = flag(3.0, "per-parameter gradient norm clip; 0 disables")
     freeze_last_layer: int = flag(1, "epochs during which the prototypes (head last layer) stay fixed")
-    # official --use_fp16 defaults to true (fp16 + grad scaler); fp32 here so the defaults run on any CPU
-    precision: str = flag("fp32", "fp32 | bf16 | fp16 (autocast; fp16 with a grad scaler); official: fp16",
-                          ("fp32", "bf16", "fp16"))
+    # official --use_fp16 defaults to true (fp16 + grad scaler); auto here: bf16 only where it is native
+    precision: str = flag("auto", "auto (bf16 where the device multiplies bf16 natively, else fp32) | fp32 | "
+                                  "bf16 | fp16 (autocast; fp16 with a grad scaler); official: fp16",
+                          ("auto", "fp32", "bf16", "fp16"))
     # multi-crop
     global_crops_size: int = flag(224, "global crop size in pixels")
     local_crops_size: int = flag(96, "local crop size in pixels")
@@ -299,8 +300,32 @@ def speed_up(method, cfg):
                 block.compile(dynamic=False)
 
 
+def native_bf16(device):
+    """Whether `device` multiplies bf16 matrices natively, and the reason (for the start banner).
+    Elsewhere bf16 is emulated, ~10x slower than fp32 on an older CPU: --precision auto avoids it."""
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return native, f"{torch.cuda.get_device_name(device)} {'has' if native else 'has no'} native bf16"
+    if device.type == "cpu":
+        cpu = getattr(torch._C._cpu, "_get_cpu_capability", dict)()  # what torch's CPU dispatch detected
+        found = [name for key, name in (("avx512_bf16", "AVX-512 BF16"), ("amx_bf16", "AMX-BF16")) if cpu.get(key)]
+        if found and torch.backends.mkldnn.is_available():  # oneDNN runs the bf16 matrix products
+            return True, f"this CPU has {' and '.join(found)}"
+        return False, "this CPU has neither AVX-512 BF16 nor AMX-BF16 (as torch detects it)"
+    return False, f"native bf16 is not detected on {device.type}"
+
+
+def resolve_precision(precision, device):
+    """--precision auto: bf16 where native_bf16, fp32 elsewhere. Returns (precision, the reason)."""
+    if precision != "auto":
+        return precision, "--precision " + precision
+    native, why = native_bf16(device)
+    return ("bf16" if native else "fp32"), f"--precision auto: {why}"
+
+
 def autocast(device, precision):
-    """The precision path: autocast in bf16 or fp16, nothing in fp32."""
+    """The precision path: autocast in bf16 or fp16, nothing in fp32 (the loss side, the EMA and
+    AdamW's state stay fp32 in every precision)."""
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
@@ -315,33 +340,44 @@ def seed_step(seed, step):
     return torch.Generator().manual_seed(step_seed)
 
 
-def check_loss(loss, logs, step, ckpt_path):
-    """Stop at the first non-finite loss, naming the step and the bad terms; nothing is saved."""
-    if not torch.isfinite(loss):
-        bad = [k for k, v in logs.items() if not math.isfinite(v)] or ["loss"]
-        terms = ", ".join(f"{k} = {logs.get(k, loss.item())}" for k in bad)
-        raise FloatingPointError(f"step {step}: non-finite loss ({terms}); stopping, the last good "
-                                 f"checkpoint is kept in {ckpt_path}")
+class NonFiniteGuard:
+    """The stop at the first non-finite loss, loss term or gradient, kept on the device so that a
+    step never waits for it: each step records on the device whether anything of it is
+    non-finite, and the first such step, its terms and its gradient norms; `check` reads that (one
+    host sync) when the loop prints and before every save, and stops the run naming the step and
+    the bad terms, or the first bad parameter. Nothing after a bad step is ever saved. (In fp16
+    the grad scaler skips an overflowing step and lowers its scale: no gradient check there.)"""
 
+    def __init__(self, ckpt_path):
+        self.ckpt_path, self.first = ckpt_path, None
 
-def check_gradients(params, norms, names, loss, step, ckpt_path):
-    """Stop at the first non-finite gradient (fp32 and bf16), naming the parameter. (In fp16 the
-    grad scaler skips an overflowing step and lowers its scale: not an error, not called.)"""
-    if not torch.isfinite(torch.stack(norms)).all():
-        grads = [p for p in params if p.grad is not None]
-        bad = next(names.get(id(p), "?") for p, n in zip(grads, norms) if not torch.isfinite(n))
-        raise FloatingPointError(f"step {step}: non-finite gradient in {bad} (loss {loss.item():.4f}); "
-                                 f"stopping, the last good checkpoint is kept in {ckpt_path}")
+    def update(self, step, loss, logs, norms, names):
+        terms = {"loss": loss, **logs}
+        values = torch.stack([v.detach().float() if torch.is_tensor(v) else torch.full((), v, device=loss.device)
+                              for v in terms.values()])
+        norms = torch.stack(norms) if norms else values.new_zeros(1)
+        bad = ~(torch.isfinite(values).all() & torch.isfinite(norms).all())
+        if self.first is None:
+            self.first = {"step": torch.full((), -1, device=loss.device), "values": values, "norms": norms}
+        new = bad & (self.first["step"] < 0)
+        self.first = {"step": torch.where(new, step, self.first["step"]),
+                      "values": torch.where(new, values, self.first["values"]),
+                      "norms": torch.where(new, norms, self.first["norms"])}
+        self.terms, self.names = list(terms), names  # the names of this step's values and norms
 
-
-@contextlib.contextmanager
-def stop_on_bad_features(step, ckpt_path):
-    """The coding rate refuses NaN / inf features with a ValueError: the same stop as check_loss."""
-    try:
-        yield
-    except ValueError as e:
-        raise FloatingPointError(f"step {step}: {e}; stopping, the last good checkpoint is kept "
-                                 f"in {ckpt_path}") from None
+    def check(self):
+        if self.first is None or int(self.first["step"]) < 0:
+            return
+        step, values = int(self.first["step"]), dict(zip(self.terms, self.first["values"].tolist()))
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            terms = ", ".join(f"{k} = {values[k]}" for k in (b for b in bad if b != "loss" or len(bad) == 1))
+            raise FloatingPointError(f"step {step}: non-finite loss ({terms}); stopping, the last good "
+                                     f"checkpoint is kept in {self.ckpt_path}")
+        norms = self.first["norms"].tolist()
+        name = next(n for n, v in zip(self.names, norms) if not math.isfinite(v))
+        raise FloatingPointError(f"step {step}: non-finite gradient in {name} (loss {values['loss']:.4f}); "
+                                 f"stopping, the last good checkpoint is kept in {self.ckpt_path}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,6 +503,8 @@ def start(cfg):
     except RuntimeError as e:  # e.g. --device cuda without a GPU
         raise ConfigError(str(e)) from None
     dist.seed_everything(cfg.seed)
+    if device.type == "cuda":  # fp32 matrix products in TF32 on the tensor cores, as DINOv2's train.py
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and dist.world_size() > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // dist.world_size()))
     return device
@@ -566,9 +604,10 @@ def to_device(images, device):
 def end_of_epoch(cfg, method, train_set, eval_set, device, record, evaluate):
     """k-NN of the teacher's backbone (when due), the collapse alarm; returns the log record."""
     if evaluate:
+        precision = resolve_precision(cfg.precision, device)[0]
         top1, top5 = eval_lib.knn_eval(method.teacher.backbone, train_set, eval_set, cfg.global_crops_size, device,
                                        batch_size=256, num_workers=cfg.num_workers,
-                                       precision=lambda: autocast(device, cfg.precision))  # as the step
+                                       precision=lambda: autocast(device, precision))  # as the step's
         record.update(knn_top1=top1, knn_top5=top5)
         dist.print0(f"epoch {record['epoch']}: k-NN top-1 {top1:.2f} top-5 {top5:.2f}")
     stats = eval_lib.collapse_check(method.teacher.backbone, eval_set, cfg.global_crops_size, device)
@@ -640,7 +679,8 @@ def train(cfg, Method):
     groups = method.param_groups()
     params = [p for g in groups for p in g["params"]]
     optimizer = adamw(groups, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    precision, why = resolve_precision(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step, sums, count = restore(resume, method, optimizer, scaler)
     speed_up(method, cfg)
     method.student = dist.wrap_ddp(method.student, device)
@@ -650,21 +690,23 @@ def train(cfg, Method):
     dist.print0(f"{type(method).__name__}: {cfg.arch}/{cfg.patch_size}, {n_params / 1e6:.2f}M student "
                 f"parameters, {cfg.data} ({len(train_set)} train / {len(eval_set)} held-out images), "
                 f"{steps_per_epoch} steps/epoch x {cfg.epochs} epochs, world size {dist.world_size()}, "
-                f"device {device}, {cfg.precision}\nconfig: " + json.dumps(cfg_dict))
+                f"device {device}, {precision} ({why})\nconfig: " + json.dumps(cfg_dict))
     if resume is not None:
         dist.print0(f"resuming from {ckpt_path} at step {step} (epoch {step // steps_per_epoch})")
 
     def save(epoch):
+        guard.check()  # nothing non-finite is saved
         if dist.is_main():
             state = {**split_state(method.state_dict()), "optimizer": optimizer.state_dict(),
                      "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "config": cfg_dict,
-                     "epoch_sums": sums, "epoch_count": count}
+                     "epoch_sums": {k: float(v) for k, v in sums.items()}, "epoch_count": count}
             save_checkpoint(ckpt_path, state)
             if cfg.saveckp_freq and step % steps_per_epoch == 0 and (epoch + 1) % cfg.saveckp_freq == 0:
                 save_checkpoint(out / f"checkpoint{epoch:04d}.pth", state)
 
     last_step = min(cfg.epochs * steps_per_epoch, cfg.max_steps or math.inf)
     t0, seen, last_save, top1 = time.time(), 0, time.time(), None
+    guard = NonFiniteGuard(ckpt_path)
     while step < last_step:
         epoch = step // steps_per_epoch
         augment = augmentation(cfg, train_set, epoch)
@@ -675,25 +717,26 @@ def train(cfg, Method):
             for g in optimizer.param_groups:
                 g["lr"], g["weight_decay"] = sched["lr"] * g["lr_mult"], sched["wd"] * g["wd_mult"]
             crops = augment(to_device(images, device), seed_step(cfg.seed, step))
-            with autocast(device, cfg.precision), stop_on_bad_features(step, ckpt_path):
+            with autocast(device, precision):
                 loss, logs = method(crops, step)
-            check_loss(loss, logs, step, ckpt_path)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             norms = clip_groups(groups, cfg.clip_grad)
-            if not scaler.is_enabled():
-                check_gradients(params, norms, names, loss, step, ckpt_path)
+            guard.update(step, loss, logs, [] if scaler.is_enabled() else norms,
+                         [names.get(id(p), "?") for p in params if p.grad is not None])
             if epoch < cfg.freeze_last_layer:
                 freeze_last_layer(optimizer.param_groups)
             scaler.step(optimizer)
             scaler.update()
             ema_update(dist.unwrap(method.student), method.teacher, sched["momentum"])
 
-            logs = {"loss": loss.item(), **logs}
-            sums = {**sums, **{k: sums.get(k, 0.0) + v for k, v in logs.items()}}
+            logs = {"loss": loss.detach(), **logs}  # read on the host only when printed (below)
+            as_sum = lambda v: v.double() if torch.is_tensor(v) else v  # float64, as Python's floats
+            sums = {**sums, **{k: sums.get(k, 0.0) + as_sum(v) for k, v in logs.items()}}
             count, seen, step = count + 1, seen + cfg.batch_size_per_gpu * dist.world_size(), step + 1
             if step % max(1, steps_per_epoch // 4) == 0 or step == last_step:
+                guard.check()
                 rate = seen / (time.time() - t0)  # images/s, all ranks
                 eta = (last_step - step) * cfg.batch_size_per_gpu * dist.world_size() / max(rate, 1e-9)
                 dist.print0(f"epoch {epoch} step {step}/{last_step} " + " ".join(f"{k} {v:.4f}" for k, v in logs.items())
@@ -704,6 +747,7 @@ def train(cfg, Method):
                 last_save = time.time()
 
         done_epoch = step % steps_per_epoch == 0
+        sums = {k: float(v) for k, v in sums.items()}
         record = {"epoch": epoch, "step": step, "train_loss": sums.get("loss", 0) / max(count, 1),
                   **{k: v / max(count, 1) for k, v in sums.items() if k != "loss"},
                   "lr": sched["lr"], "wd": sched["wd"], "momentum": sched["momentum"],

@@ -2,11 +2,14 @@
 
     python benchmarks/bench_official.py --official DIR                 # every method whose checkout is in DIR
     python benchmarks/bench_official.py --official DIR --method dino --steps 20
+    python benchmarks/bench_official.py --official DIR --precision fp32 bf16   # our side in each of these
 
 DIR holds checkouts kept outside this repository (never committed): DIR/dino
 (facebookresearch/dino) and DIR/SimDINO (RobinWu218/SimDINO). Configuration (CPU): ViT-tiny/4,
-batch 64, 2×32² + 6×16² crops, fp32, 2 threads, each method's official defaults otherwise
-(head, out_dim, drop path, clipping); the last layer is not frozen (a step past epoch 0).
+batch 64, 2×32² + 6×16² crops, 2 threads, each method's official defaults otherwise (head,
+out_dim, drop path, clipping); the last layer is not frozen (a step past epoch 0). The official
+side runs fp32, its only CPU mode; ours runs each --precision given (default: fp32 and auto,
+train.py's default, which is bf16 where the CPU multiplies bf16 natively), one row each.
 
 A step is what each training loop does per batch once the crops exist: teacher and student
 forward, loss, backward, clipping, AdamW, EMA (with the official loop's own code on its side:
@@ -14,11 +17,13 @@ its MultiCropWrapper, loss, utils.clip_gradients, optimizer and EMA). Augmentati
 both: the same precomputed crops go to both sides. Both sides start from the same weights.
 
 Each method runs in its own subprocess (the official repositories share module names: utils,
-vision_transformer). In it, official and ours alternate step by step (A/B, A first on even
-steps) after warm-up; the ratio is ours/official per pair, with its min / median / max. Peak
+vision_transformer). In it, official and ours (one copy per precision, from the same weights)
+take turns step by step after warm-up, the order rotating every step; the ratio is
+ours/official per pair of neighbouring steps, with its min / median / max. Peak
 memory is each side alone in a fresh subprocess (process max RSS, torch import included).
 """
 import argparse
+import copy
 import functools
 import json
 import os
@@ -36,14 +41,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the reposi
 sys.path.insert(0, ROOT)
 CHECKOUTS = {"dino": "dino", "simdino": "SimDINO"}
 CPU_CONFIG = ["--arch", "vit_tiny", "--patch_size", "4", "--global_crops_size", "32", "--local_crops_size", "16",
-              "--local_crops_number", "6", "--batch_size_per_gpu", "64", "--precision", "fp32",
+              "--local_crops_number", "6", "--batch_size_per_gpu", "64",
               "--freeze_last_layer", "0", "--data", "synthetic"]
 
 
-def ours_step_fn(method, cfg):
+def ours_step_fn(method, cfg, precision):
     """The train.py loop body for one step (schedules at a fixed step, no logging)."""
     import train
     train.speed_up(method, cfg)
+    precision = train.resolve_precision(precision, torch.device("cpu"))[0]
     groups = method.param_groups()
     opt = train.adamw(groups, torch.device("cpu"))
     params = [p for g in groups for p in g["params"]]
@@ -52,7 +58,8 @@ def ours_step_fn(method, cfg):
         g["lr"], g["weight_decay"] = sched["lr"] * g["lr_mult"], sched["wd"] * g["wd_mult"]
 
     def step(crops, it):
-        loss, _ = method(crops, 100 + it)
+        with train.autocast(torch.device("cpu"), precision):
+            loss, _ = method(crops, 100 + it)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         train.clip_gradients([p for p in params if p.grad is not None], cfg.clip_grad)
@@ -138,8 +145,9 @@ def setup(name, official_dir, sides, compile_blocks=False):
     if "official" in sides:
         one_process_group()
         steps["official"] = official_step_fn(name, official_dir, method, cfg)
-    if "ours" in sides:
-        steps["ours"] = ours_step_fn(method, cfg)
+    for side in sides:
+        if side.startswith("ours"):  # "ours fp32", "ours auto", ...: each its own copy of the weights
+            steps[side] = ours_step_fn(copy.deepcopy(method), cfg, side.split()[1])
     return cfg, crops, steps
 
 
@@ -156,7 +164,7 @@ def worker(name, official_dir, sides, steps, warmup, compile_blocks=False):
     cfg, crops, fns = setup(name, official_dir, sides, compile_blocks)
     times = {s: [] for s in sides}
     for it in range(warmup + steps):
-        order = sides if it % 2 == 0 else sides[::-1]
+        order = sides[it % len(sides):] + sides[:it % len(sides)]
         for side in order:
             t = time.perf_counter()
             fns[side](crops, it)
@@ -164,7 +172,7 @@ def worker(name, official_dir, sides, steps, warmup, compile_blocks=False):
                 times[side].append(time.perf_counter() - t)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"times": times, "max_rss": rss, "batch": cfg.batch_size_per_gpu,
-                      "profile": {side: profile_step(fns[side], crops) for side in sides if len(sides) == 2}}))
+                      "profile": {side: profile_step(fns[side], crops) for side in sides if len(sides) > 1}}))
 
 
 GEMMS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
@@ -201,12 +209,17 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="ours with --compile true (compiled in warm-up)")
+    p.add_argument("--precision", nargs="+", default=["fp32", "auto"], choices=("fp32", "bf16", "auto"),
+                   help="our side's precision, a row each (the official side runs fp32)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"CPU, {args.threads} threads: ViT-tiny/4, batch 64, 2x32² + 6x16² crops, fp32; "
-          f"{args.steps} timed steps per side, alternating; median seconds per step")
-    print(f"{'method':9s} {'official s':>10s} {'ours s':>8s} {'ratio (min/med/max)':>22s} {'official img/s':>14s} "
-          f"{'ours img/s':>10s} {'official MiB':>12s} {'ours MiB':>9s}")
+    import train
+    for pr in args.precision:
+        print(f"ours at {pr}: {train.resolve_precision(pr, torch.device('cpu'))}")
+    print(f"CPU, {args.threads} threads: ViT-tiny/4, batch 64, 2x32² + 6x16² crops, official fp32; "
+          f"{args.steps} timed steps per side, taking turns; median seconds per step")
+    print(f"{'method':9s} {'ours at':>7s} {'official s':>10s} {'ours s':>8s} {'ratio (min/med/max)':>22s} "
+          f"{'official img/s':>14s} {'ours img/s':>10s} {'official MiB':>12s} {'ours MiB':>9s} {'mem ratio':>9s}")
     for name in args.method:
         official_dir = os.path.join(os.path.abspath(args.official), CHECKOUTS[name])
         if name == "simdino":
@@ -214,19 +227,22 @@ def main():
         if not os.path.isfile(os.path.join(official_dir, "main_dino.py")):
             print(f"{name:9s} skipped: no main_dino.py in {official_dir}")
             continue
-        r = run_worker(name, official_dir, ["official", "ours"], args.steps, args.warmup, args.threads, args.compile)
+        ours = [f"ours {pr}" for pr in args.precision]
+        r = run_worker(name, official_dir, ["official", *ours], args.steps, args.warmup, args.threads, args.compile)
         mem = {side: run_worker(name, official_dir, [side], 2, 1, args.threads, args.compile)["max_rss"] / 2 ** 20
-               for side in ("official", "ours")}
-        off, ours = r["times"]["official"], r["times"]["ours"]
-        ratios = sorted(o / f for o, f in zip(ours, off))
-        mo, mu = statistics.median(off), statistics.median(ours)
-        print(f"{name:9s} {mo:10.3f} {mu:8.3f} {ratios[0]:6.2f} /{statistics.median(ratios):5.2f} /{ratios[-1]:5.2f}"
-              f" {r['batch'] / mo:14.1f} {r['batch'] / mu:10.1f} {mem['official']:12.0f} {mem['ours']:9.0f}",
-              flush=True)
-        for side in ("official", "ours"):
+               for side in ("official", *ours)}
+        off, mo = r["times"]["official"], statistics.median(r["times"]["official"])
+        for side in ours:
+            mine = r["times"][side]
+            ratios = sorted(o / f for o, f in zip(mine, off))
+            mu = statistics.median(mine)
+            print(f"{name:9s} {side.split()[1]:>7s} {mo:10.3f} {mu:8.3f} {ratios[0]:6.2f} /{statistics.median(ratios):5.2f}"
+                  f" /{ratios[-1]:5.2f} {r['batch'] / mo:14.1f} {r['batch'] / mu:10.1f} {mem['official']:12.0f}"
+                  f" {mem[side]:9.0f} {mem[side] / mem['official']:9.2f}", flush=True)
+        for side in ("official", *ours):
             prof = r["profile"][side]
-            print(f"{'':9s} {side:8s} matrix products {prof['gemm_s']:.2f} s of a profiled {prof['step_s']:.2f} s step "
-                  f"({100 * prof['gemm_s'] / prof['step_s']:.0f} %)")
+            print(f"{'':9s} {side:10s} matrix products {prof['gemm_s']:.2f} s of a profiled {prof['step_s']:.2f} s "
+                  f"step ({100 * prof['gemm_s'] / prof['step_s']:.0f} %)")
     print("A side can be no faster than its matrix products: ours/official >= ours' matrix-product seconds "
           "/ official's step.")
 

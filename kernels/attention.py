@@ -296,6 +296,10 @@ def flash_attention(q, k, v):
 
 def attention(q, k, v, backend="sdpa"):
     """Scaled dot-product attention, (B, H, N, d) -> (B, H, N, d)."""
+    if backend == "sdpa" and q.device.type == "cpu" and q.dtype != torch.float32:
+        # PyTorch's CPU flash kernel runs the bf16 backward 2-12x slower than the product written out,
+        # whose matrix products are native bf16 (python benchmarks/attention_cpu.py): that one here
+        return math_attention(q, k, v)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v)
     if backend == "triton":

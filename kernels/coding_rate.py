@@ -54,11 +54,9 @@ class _CodingRate(torch.autograd.Function):
         eye = torch.eye(G.shape[-1], dtype=G.dtype, device=G.device)
         L, info = torch.linalg.cholesky_ex(eye + alpha * G)
         R = L.diagonal(dim1=-2, dim2=-1).log().sum(-1)   # R = ½·logdet M = Σ log Lᵢᵢ, M = L·Lᵀ
-        if not (torch.isfinite(R).all() & (info == 0).all()):   # the one host sync
-            if not torch.isfinite(Z).all():
-                raise ValueError("coding_rate: input has non-finite values (NaN or inf)")
-            raise ValueError("coding_rate: I + α·ZᵀZ is not positive definite "
-                             "(overflow in ZᵀZ, or non-finite input on another rank)")
+        # NaN where the factorisation failed (non-finite input, here or on another rank, or an
+        # overflow in ZᵀZ): checked on the device, the loop's non-finite guard stops the run
+        R = torch.where(info == 0, R, torch.nan)
         ctx.save_for_backward(Z, L)
         ctx.alpha, ctx.n_side, ctx.reduce_cov = alpha, n_side, reduce_cov
         return R

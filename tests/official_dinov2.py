@@ -327,7 +327,7 @@ def our_steps(method, cfg, steps_data, steps_per_epoch, terms):
             train.freeze_last_layer(optimizer.param_groups)
         optimizer.step()
         train.ema_update(method.student, method.teacher, sched["momentum"])
-        losses.append((loss.item(), terms(logs)))
+        losses.append((loss.item(), terms({k: float(v) for k, v in logs.items()})))
     return losses
 
 

@@ -34,7 +34,8 @@ def override(table, rows):
     return [r for r in table if r[1] not in keys] + rows
 
 
-FP32 = "fp32: the defaults run on any CPU (--use_fp16 true or --precision fp16 is the official fp16)"
+AUTO = ("auto: bf16 where the device computes it natively, fp32 elsewhere, so the defaults run fast on any "
+        "CPU (--use_fp16 true or --precision fp16 is the official fp16)")
 BF16 = "bf16: the same range as fp32 and no grad scaler, on GPUs that compute it (fp16 is --precision fp16)"
 EVAL = "k-NN on held-out data every epoch: the small default runs show their progress (official: none in training)"
 EVAL_END = "k-NN once, after the last epoch (official: offline, after training)"
@@ -55,7 +56,7 @@ DINO_OFFICIAL = [
     (DINO, "--warmup_teacher_temp", 0.04, "warmup_teacher_temp"),
     (DINO, "--teacher_temp", 0.04, "teacher_temp"),
     (DINO, "--warmup_teacher_temp_epochs", 0, "warmup_teacher_temp_epochs"),
-    (DINO, "--use_fp16", True, "precision", "fp32", FP32),
+    (DINO, "--use_fp16", True, "precision", "auto", AUTO),
     (DINO, "--weight_decay", 0.04, "weight_decay"),
     (DINO, "--weight_decay_end", 0.4, "weight_decay_end"),
     (DINO, "--clip_grad", 3.0, "clip_grad"),
@@ -106,7 +107,7 @@ SIMDINO_OFFICIAL = [
     (SIMDINO, "--hidden_dim", 2048, "head_hidden_dim"),
     (SIMDINO, "--compile", True, "compile", False,
      "off: compiling costs a minute or more and needs a C++ compiler on CPU; the same steps either way"),
-    (SIMDINO, "--use_fp16", True, "precision", "fp32", FP32),
+    (SIMDINO, "--use_fp16", True, "precision", "auto", AUTO),
     (SIMDINO, "--weight_decay", 0.04, "weight_decay"),
     (SIMDINO, "--weight_decay_end", 0.4, "weight_decay_end"),
     (SIMDINO, "--clip_grad", 3.0, "clip_grad"),
@@ -193,7 +194,7 @@ DINOV2_OFFICIAL = [
     (V2, "crops.local_crops_scale", (0.05, 0.32), "local_crops_scale"),
     (V2, "crops.global_crops_size", 224, "global_crops_size"),
     (V2, "crops.local_crops_size", 96, "local_crops_size"),
-    (V2, "compute_precision.student.backbone.mixed_precision.param_dtype", "fp16", "precision", "fp32", FP32),
+    (V2, "compute_precision.student.backbone.mixed_precision.param_dtype", "fp16", "precision", "auto", AUTO),
     (V2, "evaluation.eval_period_iterations", 12500, "eval_every", 1, EVAL),
     ("dinov2/loss/dino_clstoken_loss.py", "DINOLoss.__init__.student_temp", 0.1, "student_temp"),
     ("dinov2/loss/dino_clstoken_loss.py", "DINOLoss.__init__.center_momentum", 0.9, "center_momentum"),
@@ -219,7 +220,7 @@ SIM = "simdinov2/configs/simdino_config.yaml"
 SIMDINOV2_OFFICIAL = [
     (SIM, "compile", True, "compile", False,
      "off: compiling costs a minute or more and needs a C++ compiler on CPU; the same steps either way"),
-    (SIM, "compute_precision.student.backbone.mixed_precision.param_dtype", "bf16", "precision", "fp32", FP32),
+    (SIM, "compute_precision.student.backbone.mixed_precision.param_dtype", "bf16", "precision", "auto", AUTO),
     (SIM, "dino.mcr.expa_type", 1, "expa_type"),
     (SIM, "dino.mcr.reduce_cov", 0, "reduce_cov"),
     (SIM, "dino.mcr.eps", 0.05, "eps"),

@@ -45,6 +45,7 @@ def test_distillation_step_uses_the_frozen_teacher_on_every_patch(tmp_path):
     crops = [torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)] + [torch.randn(8, 3, 16, 16)] * 4
     center, center_patch = method.center.clone(), method.center_patch.clone()
     loss, logs = method(crops, step=0)
+    logs = {k: float(v) for k, v in logs.items()}
     loss.backward()
     assert method.student.backbone.mask_token is None   # §5: no masking (and no unused parameter for DDP)
     # the losses, transcribed: the frozen teacher's outputs centred with its centres, every patch

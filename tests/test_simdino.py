@@ -89,6 +89,7 @@ def test_step_loss_is_the_sum_of_its_logged_terms():
     method = SimDINO(cfg)
     crops = [torch.randn(4, 3, 32, 32) for _ in range(2)] + [torch.randn(4, 3, 16, 16) for _ in range(2)]
     loss, logs = method(crops, step=0)
+    logs = {k: float(v) for k, v in logs.items()}
     assert loss.item() == pytest.approx(-0.7 * logs["comp_loss"] - logs["expa_loss"], rel=1e-5)
     d, m = cfg.head_bottleneck_dim, 4
     assert logs["expa_loss"] == pytest.approx((d + m) / (d * m) * logs["coding_rate"], rel=1e-5)
