@@ -18,6 +18,7 @@ import resource
 import statistics
 import sys
 import time
+import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 
@@ -34,6 +35,24 @@ def vit_forward_flops(arch, patch, size, batch):
     D, depth, _ = ARCHS[arch]
     T = 1 + (size // patch) ** 2
     return batch * (depth * (24 * T * D * D + 4 * T * T * D) + 2 * (T - 1) * 3 * patch * patch * D)
+
+
+# Dense bf16 tensor-core peaks from the datasheets (FLOP/s, without sparsity), by device name.
+DATASHEET_BF16 = {"H200": 989.4e12, "H100 SXM": 989.4e12, "H100 NVL": 835.5e12, "H100 PCIe": 756.5e12,
+                  "H100": 989.4e12, "A100": 312e12, "L40S": 362.05e12, "L4": 121e12, "A10": 125e12}
+
+
+def datasheet_peak(device):
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in DATASHEET_BF16.items() if key in name), None)
+
+
+def head_flops(method, batch, crops):
+    """Matmul FLOPs of the student's heads forward on the CLS tokens of all crops (DINOv2's iBOT
+    patch logits not counted): 2 per weight of each 2-D head matrix per token."""
+    head = dist.unwrap(method.student).head
+    weights = sum(p.numel() for n, p in head.named_parameters() if p.dim() == 2 and min(p.shape) > 1)
+    return 2 * weights * batch * crops
 
 
 def matmul_peak(device, dtype=torch.bfloat16, n=8192, reps=20):
@@ -74,7 +93,9 @@ def bench(module, overrides, device, steps=10, warmup=3):
     groups = method.param_groups()
     method.student = dist.wrap_ddp(method.student, device)   # under torchrun: DDP, as train.py
     opt = torch.optim.AdamW(groups, lr=1e-4, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "fp16")
+    precision, why = train_lib.resolve_precision(cfg.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    guard = train_lib.NonFiniteGuard("-")
     augment = data_lib.MultiCrop(cfg.global_crops_size, cfg.local_crops_size, cfg.global_crops_scale,
                                  cfg.local_crops_scale, cfg.local_crops_number, blur_kernel_size=cfg.blur_kernel_size)
     B = cfg.batch_size_per_gpu
@@ -82,36 +103,56 @@ def bench(module, overrides, device, steps=10, warmup=3):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = []
-    for i in range(warmup + steps):
-        sync()
-        t = time.perf_counter()
-        crops = augment(images.to(device), torch.Generator().manual_seed(i))
-        with train_lib.autocast(device, cfg.precision):
-            loss, _ = method(crops, i)
+    images = images.to(device)
+
+    def one_step(i):  # train.py's step: crops, loss, backward, clip, the non-finite guard, AdamW, EMA
+        crops = augment(images, torch.Generator().manual_seed(i))
+        with train_lib.autocast(device, precision):
+            loss, logs = method(crops, i)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
-        train_lib.clip_gradients([p for g in groups for p in g["params"]], cfg.clip_grad)
+        norms = train_lib.clip_groups(groups, cfg.clip_grad)
+        guard.update(i, loss, logs, [] if scaler.is_enabled() else norms, [])
         scaler.step(opt)
         scaler.update()
         train_lib.ema_update(dist.unwrap(method.student), method.teacher, 0.996)
+
+    times, syncs = [], None
+    for i in range(warmup + steps):
+        if device.type == "cuda" and i == warmup - 1:  # the host-device synchronisations of one step
+            torch.cuda.synchronize()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+                one_step(i)
+                torch.cuda.set_sync_debug_mode("default")
+            syncs = [str(w.message).split("\n")[0] for w in caught if "synchroniz" in str(w.message)]
+            continue
+        sync()
+        t = time.perf_counter()
+        one_step(i)
         sync()
         if i >= warmup:
             times.append(time.perf_counter() - t)
+    guard.check()
     step = statistics.median(times)
+    if syncs is not None:
+        res_syncs = {"host_syncs_per_step": len(syncs), "host_syncs": sorted(set(syncs))[:5]}
     peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     res = {"method": module.__name__, "arch": f"{cfg.arch}/{cfg.patch_size}",
            "crops": f"2x{cfg.global_crops_size}+{cfg.local_crops_number}x{cfg.local_crops_size}",
-           "batch": B, "precision": cfg.precision, "device": str(device), "median_step_s": round(step, 4),
+           "batch": B, "precision": f"{precision} ({why})", "device": str(device), "median_step_s": round(step, 4),
            "images_per_s": round(B / step, 1), "processes": dist.world_size(),
            "images_per_s_all_processes": round(B * dist.world_size() / step, 1), "peak_memory_MiB": round(peak / 2 ** 20),
            "peak_is": "max allocated" if device.type == "cuda" else "process max RSS"}
-    # model FLOPs: student forward + backward (3x) on all crops, teacher forward on the globals
+    # model FLOPs: student forward + backward (3x) on all crops, teacher forward on the globals;
+    # the backbones' matmuls and the heads' on the CLS tokens
     g = vit_forward_flops(cfg.arch, cfg.patch_size, cfg.global_crops_size, B)
     l = vit_forward_flops(cfg.arch, cfg.patch_size, cfg.local_crops_size, B) * cfg.local_crops_number
-    flops = 3 * (2 * g + l) + 2 * g
+    heads = head_flops(method, B, 2 + cfg.local_crops_number)
+    flops = 3 * (2 * g + l + heads) + 2 * g + heads * 2 / (2 + cfg.local_crops_number)
     res["model_TFLOP_per_step"] = round(flops / 1e12, 3)
     if hasattr(module, "coding_rate"):   # SimDINO's expansion term: its share of the step
         res["coding_rate_ms"] = round(coding_rate_ms(module.coding_rate, cfg, device, sync), 3)
@@ -120,6 +161,10 @@ def bench(module, overrides, device, steps=10, warmup=3):
         peak_flops = matmul_peak(device)
         res["matmul_peak_TFLOPs"] = round(peak_flops / 1e12, 1)
         res["MFU"] = round(flops / step / peak_flops, 3)
+        if datasheet_peak(device):
+            res["datasheet_peak_TFLOPs"] = round(datasheet_peak(device) / 1e12, 1)
+            res["MFU_datasheet"] = round(flops / step / datasheet_peak(device), 3)
+        res.update(res_syncs)
     return res
 
 
