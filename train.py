@@ -295,6 +295,10 @@ def speed_up(method, cfg):
     modules and state-dict keys, so checkpoints do not change). The blocks are where the time
     goes and are the same code at every depth and crop size, so a few graphs serve them all."""
     if cfg.compile:
+        # a graph per drop-path rate (DINO's differ per block), crop size, grad mode and train / eval
+        # mode: past dynamo's default limit of 8, the later graphs would run eager
+        depth = len(method.student.backbone.blocks)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * depth + 16)
         for net in (method.student, method.teacher):
             for block in net.backbone.blocks:
                 block.compile(dynamic=False)
