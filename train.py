@@ -561,6 +561,25 @@ def prepare_output(cfg, out, resumed_step):
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
 
+def load_data(cfg):
+    """(train, held-out) sets. An image folder or list is scanned by rank 0 alone, and its file
+    list sent to the other ranks (on many nodes, a scan per rank of ImageNet's 1.3M files is
+    minutes of file-system load); an error there is every rank's."""
+    load = lambda: data_lib.load_dataset(cfg.data, cfg.data_path, eval_size=cfg.global_crops_size)
+    if cfg.data not in ("imagefolder", "list") or dist.world_size() == 1:
+        return load()
+    found = None
+    if dist.is_main():
+        try:
+            found = load()
+        except data_lib.DataError as e:
+            found = e
+    found = dist.broadcast_object(found)
+    if isinstance(found, data_lib.DataError):
+        raise found
+    return found
+
+
 def make_loader(cfg, train_set, eval_set, device):
     """The sharded training loader; an error when the data cannot fill one global batch."""
     if isinstance(train_set, data_lib.FolderImages):
@@ -675,7 +694,7 @@ def train(cfg, Method):
     out = Path(cfg.output_dir)
     ckpt_path = out / "checkpoint.pth"
     resume = resumable_checkpoint(cfg, ckpt_path)
-    train_set, eval_set = data_lib.load_dataset(cfg.data, cfg.data_path, eval_size=cfg.global_crops_size)
+    train_set, eval_set = load_data(cfg)
     loader = make_loader(cfg, train_set, eval_set, device)
     steps_per_epoch = cfg.epoch_length(len(loader))
 
