@@ -118,6 +118,8 @@ class TrainConfig:
                                   "(its checkpoint and log are replaced)")
     skip_bad_images: bool = flag(False, "replace an unreadable image by the next readable one, with a "
                                         "warning, instead of stopping (image folders)")
+    fsdp: bool = flag(False, "FSDP2 under torchrun: student and EMA teacher sharded per transformer block over the "
+                             "ranks (ViT-L, ViT-g); checkpoints stay full (docs/SCALING.md). Off: DDP")
     lr_warmup_from_min_lr = False  # not a flag: SimDINOv2's official scheduler (see schedules)
 
     def check(self):
@@ -250,7 +252,8 @@ def clip_gradients(params, clip, together=False):
     clipping. Each parameter on its own (official DINO utils.clip_gradients), or `together`: one norm
     over all of them, every gradient scaled by the same factor (DINOv2's clip_grad_norm_)."""
     grads = [p.grad for p in params if p.grad is not None]
-    norms = torch._foreach_norm(grads)
+    norms = dist.grad_norms(grads)  # FSDP: the full gradients' norms, each rank's shards scaled below
+    grads = dist.local(grads)
     if clip and grads and together:
         total = torch.linalg.vector_norm(torch.stack(norms))
         torch._foreach_mul_(grads, torch.clamp(clip / (total + 1e-6), max=1.0))
@@ -493,7 +496,7 @@ def _truncate_log(path, step):
 def _comparable(cfg_dict):
     """Config fields whose change makes a run a different run (not the run-control ones)."""
     skip = {"output_dir", "max_steps", "eval_every", "saveckp_freq", "num_workers", "device", "data_path",
-            "checkpoint_minutes", "overwrite", "skip_bad_images", "compile"}
+            "checkpoint_minutes", "overwrite", "skip_bad_images", "compile", "fsdp"}
     return {k: v for k, v in cfg_dict.items() if k not in skip}
 
 
@@ -541,8 +544,9 @@ def restore(resume, method, optimizer, scaler):
     count) to go on from ((0, {}, 0) for a fresh run)."""
     if resume is None:
         return 0, {}, 0
-    method.load_state_dict(join_state(resume))
+    method.load_state_dict(dist.shard_like(join_state(resume), method.state_dict()))  # FSDP: cut into shards
     optimizer.load_state_dict(resume["optimizer"])
+    dist.shard_optimizer_state(optimizer)
     scaler.load_state_dict(resume["scaler"])
     return resume["step"], resume.get("epoch_sums", {}), resume.get("epoch_count", 0)
 
@@ -699,6 +703,8 @@ def train(cfg, Method):
     steps_per_epoch = cfg.epoch_length(len(loader))
 
     method = Method(cfg, steps_per_epoch).to(device)
+    if cfg.fsdp:  # before AdamW is built: FSDP2 replaces the parameters by their shards
+        dist.wrap_fsdp(method.student, method.teacher)
     groups = method.param_groups()
     params = [p for g in groups for p in g["params"]]
     optimizer = adamw(groups, device)
@@ -706,7 +712,8 @@ def train(cfg, Method):
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     step, sums, count = restore(resume, method, optimizer, scaler)
     speed_up(method, cfg)
-    method.student = dist.wrap_ddp(method.student, device)
+    if not cfg.fsdp:
+        method.student = dist.wrap_ddp(method.student, device)
     names = {id(p): n for n, p in dist.unwrap(method.student).named_parameters()}
     prepare_output(cfg, out, step if resume is not None else None)
     n_params = sum(p.numel() for p in dist.unwrap(method.student).parameters())
@@ -719,8 +726,9 @@ def train(cfg, Method):
 
     def save(epoch):
         guard.check()  # nothing non-finite is saved
+        model, optim = dist.full_state(method.state_dict()), dist.full_state(optimizer.state_dict())  # FSDP: gathered
         if dist.is_main():
-            state = {**split_state(method.state_dict()), "optimizer": optimizer.state_dict(),
+            state = {**split_state(model), "optimizer": optim,
                      "scaler": scaler.state_dict(), "step": step, "epoch": epoch, "config": cfg_dict,
                      "epoch_sums": {k: float(v) for k, v in sums.items()}, "epoch_count": count}
             save_checkpoint(ckpt_path, state)
@@ -776,7 +784,8 @@ def train(cfg, Method):
                   "lr": sched["lr"], "wd": sched["wd"], "momentum": sched["momentum"],
                   "global_crops_size": augment.global_size}
         evaluate = cfg.eval_every and ((done_epoch and (epoch + 1) % cfg.eval_every == 0) or step == last_step)
-        record = end_of_epoch(cfg, method, train_set, eval_set, device, record, evaluate)
+        with dist.unsharded(method.teacher):  # FSDP: gathered once, not per batch
+            record = end_of_epoch(cfg, method, train_set, eval_set, device, record, evaluate)
         top1 = record.get("knn_top1", top1)
         record["time"] = time.time() - t0
         if done_epoch:
