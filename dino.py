@@ -146,12 +146,12 @@ def dino_head(cfg):
 def backbone(cfg, drop_path_rate):
     """The ViT of DINO and SimDINO at the flags' size."""
     return build_vit(cfg.arch, cfg.patch_size, img_size=cfg.global_crops_size, drop_path_rate=drop_path_rate,
-                     attn_backend=cfg.attn_backend)
+                     attn_backend=cfg.attn_backend, pack_crops=cfg.pack_crops)
 
 
 class MultiCropNet(nn.Module):
     """backbone + head over a list of crops: one backbone forward per run of same-size crops
-    (2 global, then the locals), one head forward on all CLS tokens. -> (V·B, K).
+    (2 global, then the locals; one pass for all with --pack_crops), one head forward on all CLS tokens. -> (V·B, K).
     DINO §3.1, multi-crop; the official MultiCropWrapper."""
 
     def __init__(self, backbone, head):
@@ -164,9 +164,9 @@ class MultiCropNet(nn.Module):
             end = start
             while end < len(crops) and crops[end].shape[-1] == crops[start].shape[-1]:
                 end += 1
-            feats.append(self.backbone(torch.cat(crops[start:end])))  # (crops in the run · B, D)
+            feats.append(torch.cat(crops[start:end]))  # (crops in the run · B, 3, S, S)
             start = end
-        return self.head(torch.cat(feats))
+        return self.head(torch.cat([o["x_norm_clstoken"] for o in self.backbone.forward_features_list(feats)]))
 
 
 # ----------------------------------------------------------------------------------------------

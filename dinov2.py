@@ -215,9 +215,10 @@ class DINOv2Net(nn.Module):
         """Student: global crops with the masked patches replaced by the mask token (a backbone
         without one, distillation's, only selects them), local crops; n_masked: see masked_rows.
         -> CLS logits of all crops (globals first), masked-patch logits, global CLS features."""
-        g = self.backbone.forward_features(global_crops, masks if self.backbone.mask_token is not None else None)
+        g, *l = self.backbone.forward_features_list([x for x in (global_crops, local_crops) if x is not None],
+                                                    [masks if self.backbone.mask_token is not None else None, None])
         cls_g, patches = g["x_norm_clstoken"], masked_rows(g["x_norm_patchtokens"], masks, n_masked)  # (2B, D), (M, D)
-        cls = torch.cat([cls_g, self.backbone(local_crops)]) if local_crops is not None else cls_g
+        cls = torch.cat([cls_g, *(o["x_norm_clstoken"] for o in l)])
         cls_out, patch_out = self.heads(cls, patches)
         return cls_out, patch_out, cls_g
 
@@ -270,7 +271,8 @@ def student_and_teacher(cfg, make_head, mask_token=True):
                              layerscale=cfg.layerscale or None, num_register_tokens=cfg.num_register_tokens,
                              ffn_layer=cfg.ffn_layer, use_mask_token=mask_token, attn_backend=cfg.attn_backend,
                              interpolate_offset=cfg.interpolate_offset, efficient_drop_path=cfg.efficient_drop_path,
-                             interpolate_antialias=cfg.interpolate_antialias, cls_token_std=1e-6)
+                             interpolate_antialias=cfg.interpolate_antialias, cls_token_std=1e-6,
+                             pack_crops=cfg.pack_crops)
         return DINOv2Net(backbone, make_head(), make_head() if cfg.ibot_separate_head else None)
     return dino.student_and_teacher(net, cfg.drop_path_rate)
 

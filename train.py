@@ -68,6 +68,8 @@ class TrainConfig:
     drop_path_rate: float = flag(0.1, "stochastic depth rate of the student")
     head_hidden_dim: int = flag(2048, "head MLP width (official DINOHead: 2048)")
     head_bottleneck_dim: int = flag(256, "head bottleneck (official DINOHead: 256)")
+    pack_crops: bool = flag(False, "the student's global and local crops in one backbone pass, concatenated "
+                                   "along the tokens under a block-diagonal FlexAttention mask (DINOv2 §5); for GPUs")
     compile: bool = flag(False, "torch.compile the transformer blocks (student and teacher): faster steps "
                                 "after a compile of a minute or so; needs a C++ compiler on CPU")
     attn_backend: str = flag("sdpa", "attention kernel (kernels/attention.py): sdpa (PyTorch fused) | "

@@ -12,6 +12,7 @@ D width, H heads, d head width (D / H), P patch size.
 
     model = build_vit("vit_small", patch_size=16)
     out = model.forward_features(images)   # dict of normalised CLS / register / patch tokens
+    outs = model.forward_features_list([g, l], [masks, None])   # one dict per crop size (packed: pack_crops)
     cls = model(images)                     # (B, D) normalised CLS token
     attn = model.get_last_selfattention(images)   # (B, H, T, T) last block's attention
 """
@@ -21,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.attention import attention, attention_weights
+from kernels.attention import attention, attention_weights, block_diagonal_mask, packed_attention
 
 # name: (width D, depth, heads H). tiny/small/base from DINO, large from DINOv2; the two
 # smallest are ours, sized for the CPU default runs on the 32x32 synthetic data.
@@ -43,11 +44,14 @@ class DropPath(nn.Module):
         super().__init__()
         self.p = p
 
-    def forward(self, x):
+    def forward(self, x, segments=None):
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        mask = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(keep)  # (B, 1, 1)
+        if segments is None:
+            mask = x.new_empty(x.shape[0], *([1] * (x.ndim - 1))).bernoulli_(keep)  # (B, 1, 1)
+        else:  # packed crops: draw j (j < T) is crop j's, spread over its tokens
+            mask = x.new_empty(x.shape[:2]).bernoulli_(keep)[:, segments, None]  # (B, T, 1)
         return x * mask / keep
 
 
@@ -88,10 +92,11 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, D // self.num_heads)
         return qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, d)
 
-    def forward(self, x):
+    def forward(self, x, block_mask=None):
         B, T, D = x.shape
         q, k, v = self.qkv_heads(x)
-        x = attention(q, k, v, backend=self.backend)  # (B, H, T, d)
+        # (B, H, T, d); packed crops (a block mask): FlexAttention whatever the backend
+        x = attention(q, k, v, backend=self.backend) if block_mask is None else packed_attention(q, k, v, block_mask)
         return self.proj(x.transpose(1, 2).reshape(B, T, D))
 
 
@@ -146,14 +151,16 @@ class Block(nn.Module):
         # gather and scatter cost more than they save, as the official Block says)
         self.efficient_drop_path = efficient_drop_path and drop_path > 0.1
 
-    def forward(self, x):
-        attn = lambda x: self.ls1(self.attn(self.norm1(x)))
+    def forward(self, x, block_mask=None, segments=None):
+        """x (B, T, D); packed crops (forward_features_list): the crops' block-diagonal mask and
+        the crop of each token, segments (T,). Packed, stochastic depth is DropPath's per crop."""
+        attn = lambda x: self.ls1(self.attn(self.norm1(x), block_mask))
         ffn = lambda x: self.ls2(self.mlp(self.norm2(x)))
-        if self.training and self.efficient_drop_path:
+        if self.training and self.efficient_drop_path and segments is None:
             x = drop_add_residual(x, attn, self.drop_path.p)
             return drop_add_residual(x, ffn, self.drop_path.p)
-        x = x + self.drop_path(attn(x))
-        return x + self.drop_path(ffn(x))
+        x = x + self.drop_path(attn(x), segments)
+        return x + self.drop_path(ffn(x), segments)
 
 
 class VisionTransformer(nn.Module):
@@ -161,12 +168,13 @@ class VisionTransformer(nn.Module):
                  num_heads=6, mlp_ratio=4.0, qkv_bias=True, drop_path_rate=0.0,
                  num_register_tokens=0, layerscale=None, use_mask_token=False, attn_backend="sdpa",
                  ffn_layer="mlp", drop_path_uniform=False, interpolate_offset=0.1, interpolate_antialias=False,
-                 efficient_drop_path=False, cls_token_std=0.02):
+                 efficient_drop_path=False, cls_token_std=0.02, pack_crops=False):
         super().__init__()
         if img_size % patch_size:
             raise ValueError(f"image size {img_size} is not divisible by the patch size {patch_size}")
         self.patch_size, self.embed_dim, self.num_heads = patch_size, embed_dim, num_heads
         self.num_register_tokens = num_register_tokens
+        self.pack_crops = pack_crops  # forward_features_list: all crop sizes in one pass (DINOv2 §5)
         self.interpolate_offset, self.interpolate_antialias = interpolate_offset, interpolate_antialias
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         grid = img_size // patch_size
@@ -244,7 +252,29 @@ class VisionTransformer(nn.Module):
         x = self.prepare_tokens(x, masks)
         for blk in self.blocks:
             x = blk(x)
-        x = self.norm(x)  # (B, T, D)
+        return self.outputs(self.norm(x), masks)
+
+    def forward_features_list(self, xs, masks_list=None):
+        """forward_features of each crop group (xs: e.g. the global crops (2B, 3, 224, 224), then
+        the local ones (8B, 3, 96, 96)) -> one dict per group. With pack_crops, DINOv2 §5's
+        sequence packing: the groups' tokens run through the blocks as one sequence per row, G rows
+        (G = gcd of the group sizes), each holding R_i/G crops of group i, under a block-diagonal
+        mask (no crop sees another); the same outputs as one forward per group, in one pass."""
+        masks_list = masks_list or [None] * len(xs)
+        if not self.pack_crops or len(xs) == 1:
+            return [self.forward_features(x, m) for x, m in zip(xs, masks_list)]
+        tokens = [self.prepare_tokens(x, m) for x, m in zip(xs, masks_list)]  # (R_i, T_i, D) each
+        G = math.gcd(*(len(t) for t in tokens))
+        lengths = tuple(t.shape[1] for t in tokens for _ in range(len(t) // G))  # the crops of one row
+        segments, block_mask = block_diagonal_mask(lengths, tokens[0].device)
+        x = torch.cat([t.reshape(G, -1, t.shape[-1]) for t in tokens], dim=1)  # (G, Σ T_i·R_i/G, D)
+        for blk in self.blocks:
+            x = blk(x, block_mask, segments)
+        parts = self.norm(x).split([t.shape[1] * (len(t) // G) for t in tokens], dim=1)
+        return [self.outputs(p.reshape(t.shape), m) for p, t, m in zip(parts, tokens, masks_list)]
+
+    def outputs(self, x, masks):
+        """Normalised tokens (B, T, D) -> forward_features' dict."""
         R = self.num_register_tokens
         return {"x_norm_clstoken": x[:, 0],            # (B, D)
                 "x_norm_regtokens": x[:, 1:1 + R],     # (B, R, D)

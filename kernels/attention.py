@@ -2,6 +2,7 @@
 
     attention(q, k, v, backend="sdpa")          q, k, v: (B, H, N, d) -> (B, H, N, d)
     attention_weights(q, k)                      -> (B, H, N, N), the softmax itself
+    packed_attention(q, k, v, block_mask)        within each packed sequence (FlexAttention; --pack_crops)
 
 Backends:
     sdpa    torch.nn.functional.scaled_dot_product_attention: PyTorch picks a fused kernel
@@ -50,6 +51,7 @@ this module is imported. Without Triton this module still imports; only backend=
 
     python kernels/attention.py      # benchmark: forward+backward time and TFLOP/s (needs a GPU)
 """
+import functools
 import math
 
 import torch
@@ -307,6 +309,47 @@ def attention(q, k, v, backend="sdpa"):
     if backend == "math":
         return math_attention(q, k, v)
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Packed sequences: FlexAttention with a block-diagonal mask (vit.py's forward_features_list)
+
+COMPILE_FLEX_ON_CPU = False  # minutes of compiling on CPU (a C++ compiler, forward only): off; on GPU always
+
+
+@functools.lru_cache(maxsize=16)
+def block_diagonal_mask(lengths, device):
+    """FlexAttention BlockMask of sequences of `lengths` tokens packed along the token axis (DINOv2
+    §5, the official code's xFormers BlockDiagonalMask): query token q sees key token kv iff both
+    are in one sequence; one mask for all rows and heads, made once per layout. -> (segments (T,),
+    the sequence of each token; the BlockMask)."""
+    from torch.nn.attention.flex_attention import create_block_mask  # torch >= 2.5
+    segments = torch.cat([torch.full((n,), j, device=device) for j, n in enumerate(lengths)])  # no host copy
+    T = len(segments)
+    return segments, create_block_mask(lambda b, h, q, kv: segments[q] == segments[kv], None, None, T, T, device=device)
+
+
+def packed_attention(q, k, v, block_mask):
+    """Attention within each packed sequence, (B, H, T, d) -> (B, H, T, d): FlexAttention, compiled
+    into one fused kernel off the CPU. FlexAttention has no CPU backward (torch 2.14 raises
+    NotImplementedError), so a CPU forward that needs gradients runs SDPA with the block mask's
+    mask_mod evaluated on every (q, kv) pair; without gradients the CPU runs FlexAttention (eager:
+    unfused, or compiled with COMPILE_FLEX_ON_CPU)."""
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        idx = torch.arange(q.shape[2], device=q.device)
+        mask = block_mask.mask_mod(0, 0, idx[:, None], idx[None, :])  # (T, T), True: attend
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if q.device.type != "cpu" or COMPILE_FLEX_ON_CPU:
+        return _compiled_flex()(q, k, v, block_mask=block_mask)
+    from torch.nn.attention.flex_attention import flex_attention
+    return flex_attention(q, k, v, block_mask=block_mask)
+
+
+@functools.cache
+def _compiled_flex():
+    """torch.compile(flex_attention), made once: compiling is what makes FlexAttention a fused kernel."""
+    from torch.nn.attention.flex_attention import flex_attention
+    return torch.compile(flex_attention, dynamic=False)
 
 
 # ----------------------------------------------------------------------------------------------
