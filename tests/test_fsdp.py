@@ -22,8 +22,9 @@ TINY = ["--eval_every", "0", "--device", "cpu", "--precision", "fp32", "--batch_
         "--out_dim", "64", "--local_crops_number", "2", "--clip_grad", "0.5", "--head_hidden_dim", "64",
         "--head_bottleneck_dim", "32", "--drop_path_rate", "0.1"]
 
-# Each run prints one line: its per-step losses and per-parameter gradient norms (before clipping). The 3-step checkpoints are kept as ddp3/ and fsdp3/;
-# then the FSDP checkpoint is resumed without --fsdp and the DDP one with it, one step each.
+# Each run prints one line: its per-step losses and per-parameter gradient norms (before clipping).
+# The 3-step checkpoints are kept as ddp3/ and fsdp3/; then the FSDP checkpoint is resumed without
+# --fsdp and the DDP one with it, one step each.
 SCRIPT = """
 import json, os, shutil, sys
 sys.path.insert(0, {root!r})
@@ -85,7 +86,7 @@ def runs(tmp_path_factory):
     script = base / "fsdp_probe.py"
     script.write_text(SCRIPT.format(root=ROOT, tiny=TINY))
     r = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(script), str(base)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env=ENV)
+                       capture_output=True, text=True, timeout=600, env=ENV)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]
     found = [json.loads(line[4:]) for line in r.stdout.splitlines() if line.startswith("RUN ")]
