@@ -498,7 +498,7 @@ def _truncate_log(path, step):
 def _comparable(cfg_dict):
     """Config fields whose change makes a run a different run (not the run-control ones)."""
     skip = {"output_dir", "max_steps", "eval_every", "saveckp_freq", "num_workers", "device", "data_path",
-            "checkpoint_minutes", "overwrite", "skip_bad_images", "compile", "fsdp"}
+            "checkpoint_minutes", "overwrite", "skip_bad_images", "compile", "fsdp", "pack_crops"}
     return {k: v for k, v in cfg_dict.items() if k not in skip}
 
 
