@@ -333,8 +333,13 @@ def test_action_clips_motion_decides_the_class():
         assert sign * motion[labels == k, axis].mean() > 0, tasks.MOTIONS[k]   # each class moves as named
     (top1, _), _ = tasks.logistic_regression(motion[:160], labels[:160], motion[160:], labels[160:], 8)
     assert top1 > 80, top1
-    mid = x[:, 4]
-    single = torch.cat([torch.stack([torch.histc(f, 16, 0, 1) for f in mid]), mid.mean(1), mid.mean(2)], 1)
+    mid, wm = x[:, 4], w[:, 3]   # the middle frame, its object weights
+    mass = wm.sum((1, 2))
+    cov = torch.stack([(wm * a * b).sum((1, 2)) / mass for a, b in ((X[:, 3], X[:, 3]), (X[:, 3], Y[:, 3]),
+                                                                    (Y[:, 3], Y[:, 3]))], 1)
+    shape = torch.stack([mass, cov[:, 0] + cov[:, 2], (cov[:, 0] - cov[:, 2]) ** 2 + 4 * cov[:, 1] ** 2], 1)
+    single = torch.cat([torch.stack([torch.histc(f, 16, 0, 1) for f in mid]), mid.mean(1), mid.mean(2),
+                        shape / shape.std(0)], 1)   # + the object's size and elongation: the shape
     (top1, _), _ = tasks.logistic_regression(single[:160], labels[:160], single[160:], labels[160:], 8)
     assert top1 < 100 / 8 + 10, top1
 
