@@ -134,7 +134,6 @@ sys.path.insert(0, {root!r})
 import torch
 from kernels import distributed as dist
 from kernels.coding_rate import coding_rate, coding_rate_reference
-from host_syncs import HostSyncs
 
 torch.set_num_threads(1)
 dist.setup("cpu")
