@@ -14,6 +14,7 @@ import torch
 
 import dinov2
 import train
+from test_distributed import leaves  # every value of a checkpoint by its path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = shutil.which("torchrun") or os.path.join(os.path.dirname(sys.executable), "torchrun")
@@ -60,15 +61,6 @@ for run, fsdp, steps in (("ddp", "false", 3), ("fsdp", "true", 3), ("fsdp", "fal
             shutil.copytree(os.path.join(base, run), os.path.join(base, run + "3"))
     torch.distributed.barrier()  # the checkpoint on disk before the next run looks for it
 """
-
-
-def leaves(state, path=""):
-    """Every tensor, number, flag of a checkpoint by its path, the config left out."""
-    if isinstance(state, dict):
-        return {k: v for key, sub in state.items() if key != "config" for k, v in leaves(sub, f"{path}/{key}").items()}
-    if isinstance(state, (list, tuple)):
-        return {k: v for i, sub in enumerate(state) for k, v in leaves(sub, f"{path}[{i}]").items()}
-    return {path: state}
 
 
 def mismatches(a, b, tol):
